@@ -1,0 +1,568 @@
+"""
+The LayoutDiffuse denoiser: a Stable-Diffusion / LDM style UNet with layout attention.
+
+LayoutDiffuse (Cheng et al. 2023) adapts a pretrained latent-diffusion UNet to layouts by
+inserting two things into it:
+  * layout attention blocks (after the text transformer at some resolutions): per-box
+    self-attention whose queries/keys/values carry a learnable class embedding of the box,
+    a "null" embedding for background cells, and a zero-initialised output projection so the
+    adapted model starts out exactly as the foundation model;
+  * task-adaptive prompts: learnable tokens (and optionally the image tokens) appended to the
+    keys/values of the text cross-attention.
+
+Parameter names follow the original implementation (`input_blocks.3.2.qkv.weight`, ...), so its
+checkpoints load with a handful of renames (see `load_original_state_dict`). Unlike the original,
+every part takes a whole batch: layouts are padded tensors `boxes (B, N, 4)` (x, y, w, h in
+[0, 1]), `labels (B, N)`, `box_mask (B, N)`, and nothing in `forward` loops over images or boxes.
+
+    unet = LayoutUNet(ModelConfig(...))            # or LayoutUNet.from_original(constructor_args)
+    eps = unet(x_t, t, text=None, boxes=boxes, labels=labels, box_mask=box_mask)
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LAYOUT_ATTN_TYPES = ("layout_partial_v2", "layout_partial_v1", "layout", "segmentation")
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
+    num_res_blocks: int = 1
+    attention_resolutions: list[int] = field(default_factory=lambda: [2])  # downsample rates with attention
+    num_heads: int = 4                  # used when num_head_channels <= 0
+    num_head_channels: int = -1         # > 0: heads = channels // num_head_channels
+    dropout: float = 0.0
+    use_checkpoint: bool = False        # gradient checkpointing of every block (memory for compute)
+    # attention flavour: "transformer" (SD/LDM spatial transformer, text cross-attention),
+    # "self" (plain self-attention block, the CelebA LDM), or "none"
+    attention_type: str = "self"
+    transformer_depth: int = 1
+    context_dim: int = 768              # width of the text tokens
+    use_linear_in_transformer: bool = False  # SD2.x: Linear proj_in/proj_out instead of 1x1 convs
+    num_prompt: int = 0                 # task-adaptive prompt tokens in every text cross-attention
+    prompt_dim: int = 128
+    image_in_kv: bool = False           # append the image tokens to the cross-attention keys/values
+    # layout attention
+    layout_attn_type: str = "layout_partial_v2"  # one of LAYOUT_ATTN_TYPES
+    layout_resolutions: list[int] = field(default_factory=lambda: [1, 2])  # downsample rates
+    num_classes: int = 12               # object classes; index num_classes is the null token
+    class_embed_dim: int = 64
+    max_objects: int = 8                # most boxes one layout may hold (padded N)
+
+
+# -----------------------------------------------------------------------------
+# building blocks of the SD/LDM UNet (openaimodel.py and attention.py of the original)
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of the timesteps t (B,) -> (B, dim); cosine half first, as the LDM code."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype (fp16/bf16 statistics are too coarse)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+    return GroupNorm32(32, channels, eps=eps)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs with the timestep embedding added in between, and a skip connection."""
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(normalization(out_channels), nn.SiLU(), nn.Dropout(dropout),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        nn.init.zeros_(self.out_layers[3].weight)  # each block starts as the identity (improved-diffusion)
+        nn.init.zeros_(self.out_layers[3].bias)
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None].type(h.dtype)
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+def heads_attention(q, k, v, heads: int):
+    """Multi-head softmax attention on token tensors (B, Lq, heads*dh), (B, Lk, heads*dh) -> (B, Lq, heads*dh).
+    Scale dh^-1/2. SDPA picks the flash / memory-efficient kernel where one applies."""
+    B, Lq, D = q.shape
+    q, k, v = (z.unflatten(-1, (heads, -1)).transpose(1, 2) for z in (q, k, v))  # (B, heads, L, dh)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, Lq, D)
+
+
+class CrossAttention(nn.Module):
+    """Self-attention (context None) or cross-attention to text tokens, with the task-adaptive
+    prompts of LayoutDiffuse: keys/values come from [text ; prompt tokens ; image tokens]."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None,
+                 num_prompt: int = 0, prompt_dim: int = 0, image_in_kv: bool = False, dropout: float = 0.0):
+        super().__init__()
+        inner = heads * dim_head
+        kv_dim = context_dim or dim
+        self.heads = heads
+        self.num_prompt = num_prompt
+        if num_prompt > 0:  # learnable task prompts, projected to the text width (original: TextTaskPromptCrossAttention)
+            self.prompt = nn.Parameter(torch.randn(1, num_prompt, prompt_dim))
+            self.prompt_to_context_dim = nn.Linear(prompt_dim, kv_dim, bias=False)
+        self.image_to_context_dim = nn.Linear(dim, kv_dim, bias=False) if image_in_kv else None
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(kv_dim, inner, bias=False)
+        self.to_v = nn.Linear(kv_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+
+    def forward(self, x, context=None, self_attn: bool = False):
+        """x (B, L, dim); context (B, T, context_dim) or None. Returns (B, L, dim)."""
+        if self_attn:
+            kv = x
+        else:
+            parts = [] if context is None else [context]
+            if self.num_prompt > 0:
+                parts.append(self.prompt_to_context_dim(self.prompt).expand(x.shape[0], -1, -1))
+            if self.image_to_context_dim is not None:
+                parts.append(self.image_to_context_dim(x))
+            if not parts:  # no text and no prompts: a layout-only model has nothing to cross-attend to
+                return torch.zeros_like(x)
+            kv = torch.cat(parts, dim=1)
+        out = heads_attention(self.to_q(x), self.to_k(kv), self.to_v(kv), self.heads)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    """Linear to 2*dim_out, first half * GELU(second half) (Shazeer 2020)."""
+
+    def __init__(self, dim: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim_out * 2)
+
+    def forward(self, x):
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+def feed_forward(dim: int, mult: int = 4, dropout: float = 0.0) -> nn.Sequential:
+    """GEGLU feed-forward of the SD transformer; indices keep the original keys `ff.net.{0,2}`."""
+    return nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, cfg: ModelConfig):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads, dim_head, dropout=cfg.dropout)
+        self.attn2 = CrossAttention(dim, heads, dim_head, cfg.context_dim, cfg.num_prompt, cfg.prompt_dim,
+                                    cfg.image_in_kv, cfg.dropout)
+        self.ff = nn.Module()
+        self.ff.net = feed_forward(dim, dropout=cfg.dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x), self_attn=True)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff.net(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm -> proj_in -> transformer blocks on the H*W tokens -> proj_out, plus the input.
+    proj_in/proj_out are 1x1 convs in SD1.x/LDM and Linear layers in SD2.x: the same map on
+    channels, so both are Linear here and the loader reshapes [out, in, 1, 1] conv weights."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, cfg: ModelConfig):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = normalization(channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList(TransformerBlock(inner, heads, dim_head, cfg)
+                                                for _ in range(cfg.transformer_depth))
+        self.proj_out = nn.Linear(inner, channels)
+        nn.init.zeros_(self.proj_out.weight)  # zero-initialised residual branch, as the original
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, inner)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        return x + self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)
+
+
+class AttentionBlock(nn.Module):
+    """Plain multi-head self-attention over the H*W positions (the CelebA LDM), legacy head order:
+    the 3C qkv channels are cut into per-head chunks of [q, k, v]."""
+
+    def __init__(self, channels: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = normalization(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)  # a Conv1d(C, 3C, 1) in the original
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x).flatten(2).transpose(1, 2))  # (B, L, 3C)
+        q, k, v = qkv.unflatten(-1, (self.heads, 3, -1)).permute(3, 0, 2, 1, 4)  # each (B, heads, L, ch)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
+        return x + self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)
+
+
+# -----------------------------------------------------------------------------
+# layout conditioning: box rasterisation and layout attention (instance_prompt_attention.py)
+
+def box_regions(boxes: torch.Tensor, box_mask: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Cells of an H x W map covered by each box: (B, N, 4) x,y,w,h -> bool (B, N, H*W).
+
+    The original's rounding rule: start = min(size-1, floor(pos*size)), end = start + max(1,
+    ceil(extent*size)), clipped to the map. So every box covers at least one cell and a box starting
+    at 1.0 gets the last row/column. Computed in float64, as the original's data loader delivers."""
+    b = boxes.double()
+    x, y, w, h = b.unbind(-1)
+    row0 = torch.clamp(torch.floor(y * H), max=H - 1)
+    col0 = torch.clamp(torch.floor(x * W), max=W - 1)
+    row1 = row0 + torch.clamp(torch.ceil(h * H), min=1)
+    col1 = col0 + torch.clamp(torch.ceil(w * W), min=1)
+    rows = torch.arange(H, device=boxes.device, dtype=torch.float64)
+    cols = torch.arange(W, device=boxes.device, dtype=torch.float64)
+    in_rows = (rows >= row0[..., None]) & (rows < row1[..., None])  # (B, N, H)
+    in_cols = (cols >= col0[..., None]) & (cols < col1[..., None])  # (B, N, W)
+    region = in_rows[..., :, None] & in_cols[..., None, :]           # (B, N, H, W)
+    return region.flatten(2) & box_mask[..., None]
+
+
+def layout_raster(region: torch.Tensor, labels: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
+    """Class-embedding raster (B, L, d): the null embedding (last row of the table) on background
+    cells, the MEAN class embedding of the covering boxes elsewhere (LayoutPrompt in the original)."""
+    null = table.weight[-1]
+    labels = torch.where(region.any(-1), labels, table.num_embeddings - 1)  # padding boxes -> null
+    emb = table(labels)                                                       # (B, N, d)
+    r = region.to(emb.dtype)
+    count = r.sum(1)                                                          # (B, L)
+    summed = torch.einsum("bnl,bnd->bld", r, emb)
+    return torch.where(count[..., None] > 0, summed / count.clamp(min=1)[..., None], null)
+
+
+class LayoutAttention(nn.Module):
+    """Layout attention block (InstancePromptAttentionBlock of the original): one head over all C
+    channels, class-prompt tokens added to q, k, v, output through a zero-initialised projection.
+
+    layout_partial_v2 (the paper's default), batched formulation: with P = to_prompt_token(raster)
+    the prompt tokens (shared by all boxes: in overlaps they encode the average class), box j attends
+    only inside its region R_j:  out_j[t] = softmax_{s in R_j}((q+P_q)_t . (k+P_k)_s / sqrt(C)) (v+P_v)_s.
+    All boxes are computed at once by treating the N boxes as N "heads" of one SDPA call whose
+    queries/keys/values are the SAME tensors broadcast (expand, no copy) and whose boolean key mask is
+    R_j. The restricted softmax is thus done by SDPA with -inf outside the region (max-subtracted, so
+    stable for any logits), and we never build a (B, N, L, L) tensor ourselves: the fused kernels
+    stream over keys. Cost is N*L^2*C instead of sum_j |R_j|^2*C; rows of queries outside R_j are
+    discarded. Cells covered by k boxes take the mean of their k outputs; uncovered cells take a
+    global attention in which every cell carries the null token (a_null).
+    layout_partial_v1: (a_null + sum_j out_j) / (1 + k) everywhere. layout: global attention with the
+    class prompt. segmentation: global attention with the per-pixel class prompt of a label mask."""
+
+    def __init__(self, channels: int, class_embed_dim: int, attn_type: str):
+        super().__init__()
+        self.attn_type = attn_type
+        self.norm = nn.GroupNorm(32, channels)
+        self.qkv = nn.Linear(channels, 3 * channels)                         # Conv1d(C, 3C, 1) originally
+        self.to_prompt_token = nn.Linear(class_embed_dim, 3 * channels, bias=False)
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)  # the adapted model starts as the foundation model
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x, layout: dict, table: nn.Embedding):
+        """x (B, C, H, W); layout["raster"] (B, L, d) class-embedding map, layout["region"] (B, N, L)."""
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x).flatten(2).transpose(1, 2))              # (B, L, 3C)
+        prompt = self.to_prompt_token(layout["raster"].to(qkv.dtype))        # (B, L, 3C)
+        if self.attn_type in ("layout", "segmentation"):
+            q, k, v = (qkv + prompt).unsqueeze(1).chunk(3, dim=-1)           # (B, 1, L, C) each
+            a = F.scaled_dot_product_attention(q, k, v)[:, 0]
+        else:
+            # a_null: every cell carries the null token; that token is one vector, so add it as such
+            null_prompt = self.to_prompt_token(table.weight[-1].to(qkv.dtype))  # (3C,)
+            q0, k0, v0 = (qkv + null_prompt).unsqueeze(1).chunk(3, dim=-1)
+            a = F.scaled_dot_product_attention(q0, k0, v0)[:, 0]             # (B, L, C)
+            region = layout["region"]                                        # (B, N, L) bool
+            if region is not None and region.shape[1] > 0:
+                a = self._partial(a, qkv + prompt, region)
+        return x + self.proj_out(a).transpose(1, 2).reshape(B, C, H, W)
+
+    def _partial(self, a_null, qkv, region):
+        B, N, L = region.shape
+        q, k, v = (z.unsqueeze(1).expand(B, N, L, z.shape[-1]) for z in qkv.chunk(3, dim=-1))
+        # padding boxes have empty regions: let them see every key (their rows are discarded)
+        # so that no softmax row is all -inf (which would give NaN, and NaN * 0 is still NaN)
+        keys = region | ~region.any(-1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, :, None, :])  # (B, N, L, C)
+        r = region.to(out.dtype)
+        count = r.sum(1)[..., None]                                          # (B, L, 1)
+        summed = torch.einsum("bnl,bnlc->blc", r, out)
+        if self.attn_type == "layout_partial_v1":
+            return (a_null + summed) / (1 + count)
+        return torch.where(count > 0, summed / count.clamp(min=1), a_null)
+
+
+def subsample_mask(seg_mask: torch.Tensor, H: int) -> torch.Tensor:
+    """Label mask (B, S, S) -> (B, H, H) by picking the pixel at offset step//2 of each step x step
+    cell, step = S // H (the original's get_correct_context)."""
+    step = seg_mask.shape[-1] // H
+    return seg_mask[:, step // 2::step, step // 2::step]
+
+
+# -----------------------------------------------------------------------------
+# the UNet
+
+class LayoutUNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.layout_attn_type not in LAYOUT_ATTN_TYPES:
+            raise ValueError(f"model.layout_attn_type: expected one of {LAYOUT_ATTN_TYPES}, got {cfg.layout_attn_type!r}")
+        if cfg.attention_type not in ("transformer", "self", "none"):
+            raise ValueError(f"model.attention_type: expected transformer|self|none, got {cfg.attention_type!r}")
+        self.cfg = cfg
+        mc = cfg.model_channels
+        emb_dim = 4 * mc
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # one class table shared by every layout block; row num_classes is the null token
+        self.cls_embedder = nn.Embedding(cfg.num_classes + 1, cfg.class_embed_dim)
+
+        def level_layers(ch: int, ds: int) -> list[nn.Module]:
+            """The attention layers that follow a ResBlock at downsample rate ds."""
+            layers = []
+            heads = ch // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
+            if ds in cfg.attention_resolutions and cfg.attention_type == "transformer":
+                layers.append(SpatialTransformer(ch, heads, ch // heads, cfg))
+            elif ds in cfg.attention_resolutions and cfg.attention_type == "self":
+                layers.append(AttentionBlock(ch, heads))
+            if ds in cfg.layout_resolutions:
+                layers.append(LayoutAttention(ch, cfg.class_embed_dim, cfg.layout_attn_type))
+            return layers
+
+        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        chans, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, emb_dim, cfg.dropout, mult * mc)]
+                ch = mult * mc
+                self.input_blocks.append(nn.ModuleList(layers + level_layers(ch, ds)))
+                chans.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(nn.ModuleList([Downsample(ch)]))
+                chans.append(ch)
+                ds *= 2
+        mid = [ResBlock(ch, emb_dim, cfg.dropout)]
+        heads = ch // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads
+        if cfg.attention_type == "transformer":  # the middle always has attention, never layout attention
+            mid.append(SpatialTransformer(ch, heads, ch // heads, cfg))
+        elif cfg.attention_type == "self":
+            mid.append(AttentionBlock(ch, heads))
+        self.middle_block = nn.ModuleList(mid + [ResBlock(ch, emb_dim, cfg.dropout)])
+        self.output_blocks = nn.ModuleList()
+        for level, mult in list(enumerate(cfg.channel_mult))[::-1]:
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + chans.pop(), emb_dim, cfg.dropout, mc * mult)]
+                ch = mc * mult
+                layers += level_layers(ch, ds)
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))  # after the layout block: its key index shifts by one
+                    ds //= 2
+                self.output_blocks.append(nn.ModuleList(layers))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        nn.init.zeros_(self.out[2].weight)
+        nn.init.zeros_(self.out[2].bias)
+
+    # --- layout inputs ---------------------------------------------------------------------
+
+    def check_layout(self, x, boxes, labels, box_mask, seg_mask):
+        """Shape/dtype checks that cost no device sync; label ranges are checked on CPU tensors."""
+        B = x.shape[0]
+        if self.cfg.layout_attn_type == "segmentation":
+            if seg_mask is not None and (seg_mask.dim() != 3 or seg_mask.shape[0] != B or seg_mask.is_floating_point()):
+                raise ValueError(f"seg_mask: expected an integer tensor (B={B}, S, S), got {tuple(seg_mask.shape)} {seg_mask.dtype}")
+            if seg_mask is not None and seg_mask.device.type == "cpu":
+                bad = (seg_mask != 255) & ((seg_mask < 0) | (seg_mask >= self.cfg.num_classes))
+                if bad.any():
+                    raise ValueError(f"seg_mask: labels must be in [0, {self.cfg.num_classes}) or 255, got {seg_mask[bad][0].item()}")
+            return
+        if boxes is None:
+            return
+        if boxes.dim() != 3 or boxes.shape[0] != B or boxes.shape[2] != 4 or not boxes.is_floating_point():
+            raise ValueError(f"boxes: expected a float tensor (B={B}, N, 4), got {tuple(boxes.shape)} {boxes.dtype}")
+        N = boxes.shape[1]
+        if labels is None or labels.shape != (B, N) or labels.is_floating_point():
+            got = None if labels is None else (tuple(labels.shape), labels.dtype)
+            raise ValueError(f"labels: expected an integer tensor ({B}, {N}), got {got}")
+        if box_mask is not None and (box_mask.shape != (B, N) or box_mask.dtype != torch.bool):
+            raise ValueError(f"box_mask: expected a bool tensor ({B}, {N}), got {tuple(box_mask.shape)} {box_mask.dtype}")
+        if labels.device.type == "cpu":
+            valid = box_mask if box_mask is not None else torch.ones_like(labels, dtype=torch.bool)
+            bad = valid & ((labels < 0) | (labels >= self.cfg.num_classes))
+            if bad.any():
+                raise ValueError(f"labels: class indices must be in [0, {self.cfg.num_classes}), got {labels[bad][0].item()}")
+
+    def layout_maps(self, B, sizes, boxes, labels, box_mask, seg_mask, device):
+        """Per feature-map size (H, W): the region masks and class-embedding raster, built once per
+        forward and shared by every layout block at that size."""
+        table = self.cls_embedder
+        maps = {}
+        for H, W in sizes:
+            if self.cfg.layout_attn_type == "segmentation":
+                if seg_mask is None:  # no mask: every pixel is "ignore" = null (our unconditional input)
+                    idx = torch.full((B, H * W), self.cfg.num_classes, device=device)
+                else:
+                    m = subsample_mask(seg_mask, H).reshape(B, H * W)
+                    idx = torch.where(m == 255, self.cfg.num_classes, m)
+                maps[(H, W)] = {"raster": table(idx.long()), "region": None}
+            elif boxes is None or boxes.shape[1] == 0:
+                raster = table.weight[-1].expand(B, H * W, -1)
+                maps[(H, W)] = {"raster": raster, "region": None}
+            else:
+                mask = box_mask if box_mask is not None else torch.ones(labels.shape, dtype=torch.bool, device=device)
+                region = box_regions(boxes, mask, H, W)
+                maps[(H, W)] = {"raster": layout_raster(region, labels, table), "region": region}
+        return maps
+
+    # --- forward -----------------------------------------------------------------------------
+
+    def run_block(self, block, h, emb, text, maps):
+        for layer in block:
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, SpatialTransformer):
+                h = layer(h, text)
+            elif isinstance(layer, LayoutAttention):
+                h = layer(h, maps[tuple(h.shape[-2:])], self.cls_embedder)
+            else:
+                h = layer(h)
+        return h
+
+    def forward(self, x, t, text=None, boxes=None, labels=None, box_mask=None, seg_mask=None):
+        """x (B, C, H, W) noisy latent, t (B,) timesteps, text (B, T, context_dim) or None,
+        boxes (B, N, 4) x,y,w,h in [0,1], labels (B, N) int64, box_mask (B, N) bool (None: all real),
+        seg_mask (B, S, S) int64 labels with 255 = ignore (segmentation models). Returns eps (B, C, H, W).
+        No layout (boxes None, N = 0, or every box_mask False) is the original's empty layout."""
+        self.check_layout(x, boxes, labels, box_mask, seg_mask)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
+        sizes, (H, W) = [], x.shape[-2:]
+        for level in range(len(self.cfg.channel_mult)):  # feature sizes of the layout levels
+            if 2 ** level in self.cfg.layout_resolutions:
+                sizes.append((H, W))
+            H, W = (H + 1) // 2, (W + 1) // 2  # a stride-2 conv rounds up
+        maps = self.layout_maps(x.shape[0], sizes, boxes, labels, box_mask, seg_mask, x.device)
+        use_ckpt = self.cfg.use_checkpoint and self.training and torch.is_grad_enabled()
+
+        def run(block, h):
+            if use_ckpt:  # recompute activations in backward instead of storing them
+                return checkpoint(self.run_block, block, h, emb, text, maps, use_reentrant=False)
+            return self.run_block(block, h, emb, text, maps)
+
+        hs, h = [], x
+        for block in self.input_blocks:
+            h = run(block, h)
+            hs.append(h)
+        h = run(self.middle_block, h)
+        for block in self.output_blocks:
+            h = run(block, torch.cat([h, hs.pop()], dim=1))
+        return self.out(h)
+
+    # --- the original's constructor arguments and checkpoints -----------------------------------
+
+    @classmethod
+    def config_from_original(cls, args: dict) -> ModelConfig:
+        """Map the keyword arguments of the original UNetModel (configs/*.json) onto ModelConfig."""
+        prompt_args = args.get("instance_prompt_args", {"num_classes": 100, "embedding_dim": 128})
+        use_st = args.get("use_spatial_transformer", False)
+        return ModelConfig(
+            in_channels=args["in_channels"], out_channels=args["out_channels"],
+            model_channels=args["model_channels"], channel_mult=list(args.get("channel_mult", (1, 2, 4, 8))),
+            num_res_blocks=args["num_res_blocks"], attention_resolutions=list(args["attention_resolutions"]),
+            num_heads=args.get("num_heads", -1), num_head_channels=args.get("num_head_channels", -1),
+            dropout=args.get("dropout", 0.0), use_checkpoint=args.get("use_checkpoint", False),
+            attention_type="transformer" if use_st else "self", transformer_depth=args.get("transformer_depth", 1),
+            context_dim=args.get("text_context_dim") or args.get("context_dim") or 768,
+            use_linear_in_transformer=args.get("use_linear_in_transformer", False),
+            # prompts live in the text transformer; without one (CelebA) num_prompt is unused
+            num_prompt=args.get("num_prompt", 64) if use_st else 0, prompt_dim=args.get("prompt_dim") or 128,
+            image_in_kv=args.get("image_in_kv", False) and use_st,
+            layout_attn_type={"layout_partial": "layout_partial_v2"}.get(
+                args.get("instance_prompt_attn_type", "segmentation"), args.get("instance_prompt_attn_type", "segmentation")),
+            layout_resolutions=list(args.get("instance_attn_res", [1, 2, 4])),
+            num_classes=prompt_args["num_classes"], class_embed_dim=prompt_args["embedding_dim"],
+        )
+
+    @classmethod
+    def from_original(cls, args: dict) -> "LayoutUNet":
+        return cls(cls.config_from_original(args))
+
+    def load_original_state_dict(self, sd: dict, strict: bool = True) -> dict:
+        """Load a state dict with the original's key names (and shapes: Conv1d/1x1-conv weights of
+        the layers that are Linear here are reshaped). The class table may come under its alias keys
+        `<block>.attention.class_embedder.class_embedder.weight`; all copies must agree.
+        Returns dict(missing=[...], unexpected=[...]) when strict is False; raises otherwise."""
+        own = self.state_dict()
+        out, aliases, unexpected = {}, [], []
+        for key, value in sd.items():
+            value = torch.as_tensor(value)
+            if key.endswith(".attention.class_embedder.class_embedder.weight"):
+                aliases.append((key, value))
+                continue
+            name = key.replace("cls_embedder.class_embedder.", "cls_embedder.").replace(
+                ".attention.to_prompt_token.", ".to_prompt_token.")
+            if name not in own:
+                unexpected.append(key)
+                continue
+            if value.shape != own[name].shape:
+                if value.numel() != own[name].numel() or value.squeeze().shape != own[name].squeeze().shape:
+                    raise ValueError(f"{key}: shape {tuple(value.shape)} in the checkpoint, model expects {tuple(own[name].shape)}")
+                value = value.reshape(own[name].shape)  # Conv1d / 1x1 Conv2d weight -> Linear weight
+            out[name] = value
+        for key, value in aliases:
+            if "cls_embedder.weight" not in out:
+                out["cls_embedder.weight"] = value
+            elif value.shape != out["cls_embedder.weight"].shape or not torch.equal(value, out["cls_embedder.weight"]):
+                raise ValueError(f"{key}: this alias of the shared class table differs from cls_embedder.class_embedder.weight")
+        missing = [k for k in own if k not in out]
+        if strict and (missing or unexpected):
+            what = f"missing key {missing[0]}" if missing else f"unexpected key {unexpected[0]}"
+            raise KeyError(f"state dict does not fit the model: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
+        self.load_state_dict(out, strict=False)
+        return {"missing": missing, "unexpected": unexpected}

@@ -1,0 +1,242 @@
+"""The layout UNet against the original's outputs (../shared/parity) and against a plain loop."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model import LayoutAttention, LayoutUNet, ModelConfig, box_regions, layout_raster
+
+ATOL = RTOL = 1e-4  # the parity README's tolerance for single forwards
+
+
+def load_fixture(parity_dir, name):
+    d = parity_dir / name
+    args = json.loads((d / "config.json").read_text())["constructor_args"]
+    unet = LayoutUNet.from_original(args)
+    unet.load_original_state_dict({k: torch.from_numpy(v) for k, v in np.load(d / "weights.npz").items()})
+    unet.eval()
+    inputs = {k: torch.from_numpy(v) for k, v in np.load(d / "inputs.npz").items()}
+    outputs = {k: torch.from_numpy(v) for k, v in np.load(d / "outputs.npz").items()}
+    return unet, inputs, outputs
+
+
+def padded_layout(layout_boxes, num_boxes):
+    """The fixture's zero-padded [x, y, w, h, class] rows -> boxes, labels, box_mask."""
+    n = layout_boxes.shape[1]
+    box_mask = torch.arange(n)[None] < num_boxes[:, None]
+    return layout_boxes[..., :4].float(), layout_boxes[..., 4].long(), box_mask
+
+
+@torch.no_grad()
+def test_parity_layout_unet(parity_dir):
+    unet, inp, out = load_fixture(parity_dir, "layout_unet")
+    boxes, labels, box_mask = padded_layout(inp["layout_boxes"], inp["layout_num_boxes"])
+    # the original made one batch-1 call per image; we make one batched call for all four
+    eps = unet(inp["x"], inp["timesteps"], text=inp["text_context"], boxes=boxes, labels=labels, box_mask=box_mask)
+    torch.testing.assert_close(eps, out["eps_cond"], atol=ATOL, rtol=RTOL)
+    eps = unet(inp["x"], inp["timesteps"], text=inp["text_context"])
+    torch.testing.assert_close(eps, out["eps_empty_layout"], atol=ATOL, rtol=RTOL)
+    neg = inp["negative_text_context"].expand(4, -1, -1)
+    eps = unet(inp["x"], inp["timesteps"], text=neg, boxes=boxes, labels=labels, box_mask=torch.zeros_like(box_mask))
+    torch.testing.assert_close(eps, out["eps_uncond"], atol=ATOL, rtol=RTOL)
+
+
+@torch.no_grad()
+def test_parity_layout_unet_modified_class(parity_dir):
+    unet, inp, out = load_fixture(parity_dir, "layout_unet")
+    layouts = json.loads((parity_dir / "layout_unet" / "layouts.json").read_text())["modified_sample0"]
+    rows = torch.tensor(layouts)[None]
+    eps = unet(inp["x"][:1], inp["timesteps"][:1], text=inp["text_context"][:1],
+               boxes=rows[..., :4].float(), labels=rows[..., 4].long())
+    torch.testing.assert_close(eps, out["eps_cond_modified_sample0"], atol=ATOL, rtol=RTOL)
+
+
+@torch.no_grad()
+def test_parity_layout_rasters(parity_dir):
+    """Region masks (exact) and class-embedding rasters at every resolution of the debug dump."""
+    unet, inp, _ = load_fixture(parity_dir, "layout_unet")
+    dbg = np.load(parity_dir / "layout_unet" / "debug.npz")
+    boxes, labels, box_mask = padded_layout(inp["layout_boxes"], inp["layout_num_boxes"])
+    for r in (16, 8, 4, 2, 1):
+        region = box_regions(boxes, box_mask, r, r)
+        assert torch.equal(region.reshape(4, 5, r, r).long(), torch.from_numpy(dbg[f"region_mask_r{r}"])), r
+    for r in (8, 4, 2):
+        raster = layout_raster(box_regions(boxes, box_mask, r, r), labels, unet.cls_embedder)
+        torch.testing.assert_close(raster.reshape(4, r, r, -1), torch.from_numpy(dbg[f"prompt_map_r{r}"]), atol=1e-6, rtol=1e-6)
+
+
+@torch.no_grad()
+def test_parity_prompt_unet(parity_dir):
+    unet, inp, out = load_fixture(parity_dir, "prompt_unet")
+    boxes, labels, box_mask = padded_layout(inp["layout_boxes"], inp["layout_num_boxes"])
+    eps = unet(inp["x"], inp["timesteps"], text=inp["text_context"], boxes=boxes, labels=labels, box_mask=box_mask)
+    torch.testing.assert_close(eps, out["eps"], atol=ATOL, rtol=RTOL)
+
+
+@torch.no_grad()
+def test_parity_segmentation_unet(parity_dir):
+    unet, inp, out = load_fixture(parity_dir, "segmentation_unet")
+    eps = unet(inp["x"], inp["timesteps"], seg_mask=inp["seg_mask"])
+    torch.testing.assert_close(eps, out["eps"], atol=ATOL, rtol=RTOL)
+    eps = unet(inp["x"][2:], inp["timesteps"][2:], seg_mask=inp["seg_mask_modified_sample2"])
+    torch.testing.assert_close(eps, out["eps_modified_sample2"], atol=ATOL, rtol=RTOL)
+
+
+def test_original_alias_keys_and_shapes_load(parity_dir):
+    """Every key of the fixture is used (aliases of the class table included) and a copy that
+    disagrees with the shared table is refused."""
+    d = parity_dir / "layout_unet"
+    unet = LayoutUNet.from_original(json.loads((d / "config.json").read_text())["constructor_args"])
+    sd = {k: torch.from_numpy(v) for k, v in np.load(d / "weights.npz").items()}
+    report = unet.load_original_state_dict(sd, strict=False)
+    assert report == {"missing": [], "unexpected": []}
+    alias = next(k for k in sd if k.endswith(".attention.class_embedder.class_embedder.weight"))
+    sd[alias] = sd[alias] + 1
+    with pytest.raises(ValueError, match="alias"):
+        unet.load_original_state_dict(sd)
+
+
+# -----------------------------------------------------------------------------
+# batching: one padded batch equals per-image calls, and the attention equals a plain loop
+
+def tiny_unet(attn_type="layout_partial_v2", **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_channels=32, channel_mult=[1, 2], attention_type="transformer", context_dim=16,
+                      num_heads=2, layout_resolutions=[1, 2], layout_attn_type=attn_type, num_classes=6,
+                      class_embed_dim=8, **kw)
+    unet = LayoutUNet(cfg).eval()
+    for p in unet.parameters():  # no zero-initialised branches: every path must contribute
+        p.data.normal_(0, 0.2)
+    return unet
+
+
+def random_layouts(B, N, gen):
+    """Random padded layouts with overlaps, border-crossing boxes, tiny and zero-size boxes."""
+    xy = torch.rand(B, N, 2, generator=gen) * 1.1 - 0.05
+    wh = torch.rand(B, N, 2, generator=gen) ** 2 * 0.8
+    wh[:, 0] = 0.0                                  # a zero-size box still covers one cell
+    boxes = torch.cat([xy.clamp(0, 1), wh], -1)
+    labels = torch.randint(0, 6, (B, N), generator=gen)
+    counts = torch.randint(0, N + 1, (B,), generator=gen)
+    counts[0] = 0                                   # one image with an empty layout
+    counts[1] = N
+    box_mask = torch.arange(N)[None] < counts[:, None]
+    return boxes, labels, box_mask
+
+
+@pytest.mark.parametrize("attn_type", ["layout_partial_v2", "layout_partial_v1", "layout"])
+@torch.no_grad()
+def test_batched_layouts_equal_single_image_calls(attn_type):
+    unet = tiny_unet(attn_type)
+    gen = torch.Generator().manual_seed(1)
+    B, N = 5, 6
+    x, t = torch.randn(B, 4, 16, 16, generator=gen), torch.randint(0, 1000, (B,), generator=gen)
+    text = torch.randn(B, 5, 16, generator=gen)
+    boxes, labels, box_mask = random_layouts(B, N, gen)
+    eps = unet(x, t, text, boxes, labels, box_mask)
+    for i in range(B):
+        n = int(box_mask[i].sum())  # one image, only its real boxes, no padding: the original's call
+        one = unet(x[i:i + 1], t[i:i + 1], text[i:i + 1], boxes[i:i + 1, :n], labels[i:i + 1, :n])
+        torch.testing.assert_close(eps[i:i + 1], one, atol=1e-5, rtol=1e-5)
+
+
+def loop_layout_attention(block, x, boxes, labels, table):
+    """The original's algorithm, one box at a time with index lists (v2), for one image."""
+    C, H, W = x.shape
+    qkv = block.qkv(block.norm(x[None])[0].flatten(1).T)                     # (L, 3C)
+    null = block.to_prompt_token(table.weight[-1])
+    q0, k0, v0 = (qkv + null).chunk(3, -1)
+    a = torch.softmax(q0 @ k0.T / C ** 0.5, -1) @ v0
+    region = box_regions(boxes[None], torch.ones(1, len(boxes), dtype=torch.bool), H, W)[0]
+    prompt = block.to_prompt_token(layout_raster(region[None], labels[None], table)[0])
+    q, k, v = (qkv + prompt).chunk(3, -1)
+    acc, count = torch.zeros_like(a), torch.zeros(H * W, 1)
+    for j in range(len(boxes)):
+        idx = region[j].nonzero()[:, 0]
+        w = torch.softmax(q[idx] @ k[idx].T / C ** 0.5, -1)
+        acc[idx] += w @ v[idx]
+        count[idx] += 1
+    out = torch.where(count > 0, acc / count.clamp(min=1), a)
+    return x + block.proj_out(out).T.reshape(C, H, W)
+
+
+@torch.no_grad()
+def test_layout_attention_matches_loop_reference():
+    gen = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    block = LayoutAttention(32, 8, "layout_partial_v2")
+    table = torch.nn.Embedding(7, 8)
+    for p in list(block.parameters()) + list(table.parameters()):
+        p.data.normal_(0, 0.3)
+    B, N = 6, 7
+    boxes, labels, box_mask = random_layouts(B, N, gen)
+    x = torch.randn(B, 32, 12, 10, generator=gen)  # non-square map
+    region = box_regions(boxes, box_mask, 12, 10)
+    layout = {"raster": layout_raster(region, labels, table), "region": region}
+    out = block(x, layout, table)
+    for i in range(B):
+        n = int(box_mask[i].sum())
+        ref = loop_layout_attention(block, x[i], boxes[i, :n], labels[i, :n], table)
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_layout_attention_is_stable_for_large_logits():
+    """A softmax restricted to a region must not underflow when the region's logits are far below
+    the global maximum (a masked global softmax would give 0/0 there)."""
+    block = LayoutAttention(32, 8, "layout_partial_v2")
+    table = torch.nn.Embedding(3, 8)
+    torch.nn.init.normal_(block.qkv.weight, 0, 30.0)
+    torch.nn.init.normal_(block.proj_out.weight, 0, 0.1)
+    x = torch.randn(1, 32, 8, 8) * 10
+    boxes, labels = torch.tensor([[[0.0, 0.0, 0.25, 0.25]]]), torch.tensor([[1]])
+    region = box_regions(boxes, torch.ones(1, 1, dtype=torch.bool), 8, 8)
+    out = block(x, {"raster": layout_raster(region, labels, table), "region": region}, table)
+    assert torch.isfinite(out).all()
+    ref = loop_layout_attention(block, x[0], boxes[0], labels[0], table)
+    torch.testing.assert_close(out[0], ref, atol=1e-3, rtol=1e-4)
+
+
+def test_bad_layout_inputs_name_the_tensor():
+    unet = tiny_unet()
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([1, 2])
+    boxes, labels = torch.rand(2, 3, 4), torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="boxes"):
+        unet(x, t, boxes=torch.rand(2, 3, 5), labels=labels)
+    with pytest.raises(ValueError, match="labels"):
+        unet(x, t, boxes=boxes, labels=labels.float())
+    with pytest.raises(ValueError, match="box_mask"):
+        unet(x, t, boxes=boxes, labels=labels, box_mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"labels: class indices must be in \[0, 6\), got 6"):
+        unet(x, t, boxes=boxes, labels=torch.full((2, 3), 6))
+
+
+def test_bad_state_dict_names_the_key():
+    unet = tiny_unet()
+    sd = dict(unet.state_dict())
+    sd.pop("out.2.bias")
+    with pytest.raises(KeyError, match="missing key out.2.bias"):
+        unet.load_original_state_dict(sd)
+    sd = dict(unet.state_dict(), **{"foo.weight": torch.zeros(1)})
+    with pytest.raises(KeyError, match="unexpected key foo.weight"):
+        unet.load_original_state_dict(sd)
+    sd = dict(unet.state_dict())
+    sd["time_embed.0.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="time_embed.0.weight"):
+        unet.load_original_state_dict(sd)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    unet = tiny_unet()
+    unet.train()
+    gen = torch.Generator().manual_seed(3)
+    x, t = torch.randn(2, 4, 16, 16, generator=gen), torch.tensor([5, 500])
+    boxes, labels, box_mask = random_layouts(2, 3, gen)
+    grads = []
+    for ckpt in (False, True):
+        unet.cfg.use_checkpoint = ckpt
+        unet.zero_grad()
+        unet(x, t, torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0)), boxes, labels, box_mask).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in unet.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
