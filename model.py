@@ -459,6 +459,14 @@ class LayoutUNet(nn.Module):
                 maps[(H, W)] = {"raster": layout_raster(region, labels, table), "region": region}
         return maps
 
+    def layout_parameter_names(self) -> list[str]:
+        """The parameters LayoutDiffuse adds to a foundation UNet: the class table, the layout
+        attention blocks and the task prompts. The trainable set of its SD configs."""
+        blocks = tuple(name + "." for name, m in self.named_modules() if isinstance(m, LayoutAttention))
+        return [name for name, _ in self.named_parameters()
+                if name.startswith(blocks) or name.startswith("cls_embedder") or name.endswith("attn2.prompt")
+                or ".prompt_to_context_dim." in name or ".image_to_context_dim." in name]
+
     # --- forward -----------------------------------------------------------------------------
 
     def run_block(self, block, h, emb, text, maps):

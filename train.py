@@ -1,0 +1,610 @@
+"""
+Train a LayoutDiffuse model: one explicit loop, single process or torchrun DDP, with AMP.
+
+    python train.py                                   # the default: generated shapes, 2-core CPU friendly
+    python train.py --preset tiny --train.max_steps=50
+    torchrun --nproc_per_node=8 train.py --config config.yaml --train.out_dir=runs/coco
+    python train.py --resume                          # continue from <out_dir>/last.pt
+
+The run folder (train.out_dir) gets: config.yaml (the resolved config), autoencoder.pt (when the
+run trains its own autoencoder first), latents.pt (the latent cache), last.pt (full training state),
+samples/step_XXXXXXX.png (sample grids of fixed layouts), and TensorBoard logs in tb/.
+Hooks (checkpoint, sample grid, logging) are plain functions called from the loop in `main`.
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import datetime
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.utils import make_grid
+
+from dataset import DataConfig, build_dataset, draw_layout, pil_to_tensor, tensor_to_pil
+from diffusion import Diffusion, DiffusionConfig
+from model import LayoutUNet, ModelConfig
+from vqvae import AutoencoderConfig, autoencoder_loss, build_autoencoder
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/shapes"
+    max_steps: int = 2000
+    batch_size: int = 32                # global: split over ranks and accumulation micro-steps
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    precision: str = "auto"             # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    trainable: str = "all"              # all | layout (only the new LayoutDiffuse parts; foundation frozen)
+    layout_dropout: float = 0.1         # drop the whole layout of an image: trains the unconditional model for guidance
+    text_dropout: float = 0.1
+    seed: int = 0
+    num_workers: int = 2
+    latent_cache: bool = True           # encode the training images once, train on the stored posteriors
+    compile: bool = False               # torch.compile the UNet (CUDA only)
+    device: str = "auto"                # auto | cpu | cuda
+    log_every: int = 50
+    ckpt_every: int = 500
+    keep_every: int = 0                 # > 0: also keep step_XXXXXXX.pt every this many steps
+    sample_every: int = 1000
+    sample_n: int = 8
+    max_nonfinite: int = 10             # stop after this many non-finite losses in a row
+    # the autoencoder stage: used when autoencoder_ckpt is empty
+    autoencoder_ckpt: str = ""          # a trained autoencoder (ours or a foundation's); empty: train one
+    ae_steps: int = 600
+    ae_lr: float = 2e-3
+    ae_batch_size: int = 32
+    ae_kl_weight: float = 1e-6
+
+
+SECTIONS = {"model": ModelConfig, "autoencoder": AutoencoderConfig, "diffusion": DiffusionConfig,
+            "data": DataConfig, "train": TrainConfig}
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit code 2 (a traceback only with --debug)."""
+
+
+# -----------------------------------------------------------------------------
+# config: config.yaml -> preset -> --section.key=value overrides -> one dataclass per section
+
+def _check_type(value, tp, where: str):
+    """Return value if it fits the dataclass field type tp (ints are accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(v, item, where) for v in value]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise UserError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise UserError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(cfg: dict, update: dict, source: str):
+    for section, values in update.items():
+        if section not in SECTIONS:
+            raise UserError(f"{source}: unknown section {section!r} (expected one of {list(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: section {section!r} must be a mapping")
+        for key, value in values.items():
+            cfg.setdefault(section, {})[key] = (value, source)
+
+
+def load_config(path: str | Path = ROOT / "config.yaml", preset: str | None = None,
+                overrides: list[str] = (), base: dict | None = None) -> dict:
+    """Resolve the config into {section: dataclass}: the YAML file (or `base`, a saved config dict),
+    then the preset, then overrides like `--train.lr=1e-4` (values parsed as YAML). Unknown keys and
+    wrong types are errors that name the file and the key."""
+    raw: dict = {}
+    if base is not None:
+        _merge(raw, base, "checkpoint config")
+    else:
+        _merge(raw, _read_yaml(Path(path)), str(path))
+    if preset:
+        preset_path = Path(preset) if preset.endswith(".yaml") else ROOT / "presets" / f"{preset}.yaml"
+        if not preset_path.exists():
+            known = sorted(p.stem for p in (ROOT / "presets").glob("*.yaml"))
+            raise UserError(f"preset {preset!r}: no file {preset_path} (known presets: {', '.join(known)})")
+        _merge(raw, _read_yaml(preset_path), str(preset_path))
+    for item in overrides:
+        key, sep, value = item.lstrip("-").partition("=")
+        if not sep or "." not in key:
+            raise UserError(f"override {item!r}: expected --section.key=value")
+        section, name = key.split(".", 1)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        _merge(raw, {section: {name: parsed}}, "command line")
+    cfg = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, (value, source) in raw.get(section, {}).items():
+            if key not in hints:
+                raise UserError(f"{source}: unknown key {section}.{key}")
+            kwargs[key] = _check_type(value, hints[key], f"{source}: {section}.{key}")
+        try:
+            cfg[section] = cls(**kwargs)
+        except ValueError as e:
+            raise UserError(f"{path}: {e}") from None
+    return cfg
+
+
+def config_to_dict(cfg: dict) -> dict:
+    return {section: dataclasses.asdict(c) for section, c in cfg.items()}
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: atomic writes, loadable with weights_only=True
+
+def save_checkpoint(path: Path, state: dict):
+    """Write to a temporary file, fsync, then rename: a kill never leaves a half-written file, and
+    the previous checkpoint stays intact until the new one is complete."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: could not write checkpoint ({e.strerror or e}); the previous checkpoint is intact") from None
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign files raise many different errors
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+# -----------------------------------------------------------------------------
+# the autoencoder stage and the latent cache
+
+def train_autoencoder(cfg: dict, dataset, device, tc: TrainConfig, log) -> dict:
+    """Train the small KL autoencoder of a from-scratch run on the training images and return its
+    checkpoint dict. Its scale factor is set so that the diffusion latents have unit variance (SD
+    fixes 0.18215 for its own autoencoder; ours changes with every training run)."""
+    torch.manual_seed(tc.seed)
+    ae = build_autoencoder(cfg["autoencoder"]).to(device)
+    opt = torch.optim.Adam(ae.parameters(), lr=tc.ae_lr)
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=tc.ae_steps * tc.ae_batch_size,
+                                             generator=torch.Generator().manual_seed(tc.seed))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=tc.ae_batch_size, sampler=sampler, num_workers=tc.num_workers)
+    t0 = time.time()
+    for step, batch in enumerate(loader):
+        # warm-up, then a 10x lower rate for the last fifth: sharper reconstructions at no extra cost
+        lr = tc.ae_lr * min(1.0, (step + 1) / 50) * (0.1 if step >= 0.8 * tc.ae_steps else 1.0)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        losses = autoencoder_loss(ae, batch["image"].to(device), kl_weight=tc.ae_kl_weight)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        opt.step()
+        if step % 100 == 0 or step == tc.ae_steps - 1:
+            log(f"autoencoder step {step:5d}/{tc.ae_steps} | rec {losses['rec'].item():.4f} | "
+                f"kl {losses['kl'].item():.1f} | {time.time() - t0:.0f}s")
+    ae.eval()
+    with torch.no_grad():
+        mean, _ = ae.encode(batch["image"].to(device))
+        cfg["autoencoder"].scale_factor = 1.0 / mean.float().std().item()
+    return {"autoencoder": ae.state_dict(), "autoencoder_config": dataclasses.asdict(cfg["autoencoder"])}
+
+
+@torch.no_grad()
+def encode_dataset(ae, dataset, device, num_workers: int, batch_size: int = 128) -> dict:
+    """Encode every training image once: the posterior mean and std of each, plus its layout.
+    Training then draws z = mean + std * noise per step, as the original does from fresh encodings,
+    without running the encoder again (the original encodes every image at every step)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    cache = {"mean": [], "std": [], "boxes": [], "labels": [], "box_mask": []}
+    for batch in loader:
+        mean, logvar = ae.encode(batch["image"].to(device))
+        cache["mean"].append(mean.half().cpu())  # half: the cache is 2x smaller, the noise dwarfs the rounding
+        cache["std"].append(torch.exp(0.5 * logvar).half().cpu())
+        for k in ("boxes", "labels", "box_mask"):
+            cache[k].append(batch[k])
+    return {k: torch.cat(v) for k, v in cache.items()}
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    def __init__(self, cache: dict):
+        self.cache = cache
+
+    def __len__(self):
+        return len(self.cache["mean"])
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.cache.items()}
+
+
+class SkipSampler(torch.utils.data.Sampler):
+    """Yields the indices of `sampler` after the first `skip`: resuming mid-epoch continues the
+    epoch's order exactly without loading the batches already seen."""
+
+    def __init__(self, sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        it = iter(self.sampler)
+        for _ in range(self.skip):
+            next(it, None)
+        yield from it
+
+    def __len__(self):
+        return max(0, len(self.sampler) - self.skip)
+
+
+# -----------------------------------------------------------------------------
+# hooks: EMA, sample grid, logging
+
+@torch.no_grad()
+def update_ema(ema, model, decay: float):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def freeze_foundation(unet: LayoutUNet):
+    """Train only what LayoutDiffuse adds (class table, layout blocks, task prompts), as its SD configs do."""
+    new = set(unet.layout_parameter_names())
+    for name, p in unet.named_parameters():
+        p.requires_grad_(name in new)
+
+
+@torch.no_grad()
+def sample_grid(unet, ae, diffusion: Diffusion, dc: DiffusionConfig, layouts: dict, noise: torch.Tensor,
+                class_names: list[str]) -> torch.Tensor:
+    """Sample fixed layouts with fixed noise (comparable over training); returns a uint8 grid
+    (3, H, W): the samples on top, the same with their boxes and labels drawn below."""
+    cond = {k: layouts[k] for k in ("boxes", "labels", "box_mask")}
+    uncond = dict(cond, box_mask=torch.zeros_like(cond["box_mask"]))  # the empty layout
+    sampler = diffusion.plms_sample if dc.sampler == "plms" else diffusion.ddim_sample
+    z = sampler(unet, noise, dc.steps, eta=dc.eta, guidance_scale=dc.guidance_scale, cond=cond, uncond=uncond)
+    images = ae.decode_latent(z.float()).cpu()
+    plain, drawn = [], []
+    for i, image in enumerate(images):
+        pil = tensor_to_pil(image)
+        boxed = draw_layout(pil, layouts["boxes"][i].cpu(), layouts["labels"][i].cpu(), layouts["box_mask"][i].cpu(), class_names)
+        plain.append(pil_to_tensor(pil.resize(boxed.size, Image.NEAREST)))
+        drawn.append(pil_to_tensor(boxed))
+    grid = make_grid(torch.stack(plain + drawn), nrow=len(images), padding=2, pad_value=1.0)
+    return ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+# -----------------------------------------------------------------------------
+# the training loop
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train a LayoutDiffuse model.", epilog="Any config key can be "
+                                     "overridden as --section.key=value, e.g. --train.max_steps=100.")
+    parser.add_argument("--config", default=str(ROOT / "config.yaml"))
+    parser.add_argument("--preset", default=None, help="a presets/NAME.yaml over the config")
+    parser.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/last.pt")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    args, overrides = parser.parse_known_args(argv)
+    for o in overrides:
+        if not o.startswith("--") or "." not in o.split("=")[0]:
+            parser.error(f"unrecognised argument {o!r} (overrides look like --train.lr=1e-4)")
+    args.overrides = overrides
+    return args
+
+
+def setup_distributed(tc: TrainConfig):
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them this is a single process."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if tc.device == "auto" else tc.device))
+        return 0, 0, 1, device
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    use_cuda = tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)  # the LOCAL rank: global ranks exceed the GPU count on node 2+
+    # a bounded timeout: if a rank dies the others fail with an error instead of hanging forever
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    return rank, local_rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.preset, args.overrides)
+    ckpt = None
+    if args.resume:  # the run's own config, with this command line's overrides on top
+        ckpt = load_checkpoint(Path(cfg["train"].out_dir) / "last.pt")
+        cfg = load_config(base=ckpt["config"], overrides=args.overrides)
+    tc, dc = cfg["train"], cfg["diffusion"]
+    rank, local_rank, world, device = setup_distributed(tc)
+    master = rank == 0
+    try:
+        out_dir = Path(tc.out_dir)
+        log = print if master else (lambda *a, **k: None)
+        if master:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            log(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=True).strip())
+        micro = tc.batch_size // (world * tc.grad_accum)
+        if micro * world * tc.grad_accum != tc.batch_size:
+            raise UserError(f"train.batch_size={tc.batch_size} is not divisible by world size {world} x grad_accum {tc.grad_accum}")
+        torch.manual_seed(tc.seed * world + rank)  # per-rank seed (model dropout); noise uses `gen` below
+        if tc.precision == "auto":
+            amp_dtype = torch.bfloat16 if device.type == "cuda" else None  # bf16 is slow on CPUs without bf16 units
+        else:
+            amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
+
+        # --- data and the frozen autoencoder ---
+        dataset = build_dataset(cfg["data"], "train", cfg["model"].max_objects)
+        class_names = list(dataset.class_names)
+        if cfg["model"].num_classes != len(class_names):
+            raise UserError(f"model.num_classes={cfg['model'].num_classes} but the dataset has {len(class_names)} classes")
+        ae_path = Path(tc.autoencoder_ckpt) if tc.autoencoder_ckpt else out_dir / "autoencoder.pt"
+        if not ae_path.exists() and not tc.autoencoder_ckpt and master:
+            log(f"no autoencoder yet: training one ({tc.ae_steps} steps), saved to {ae_path}")
+            save_checkpoint(ae_path, train_autoencoder(cfg, dataset, device, tc, log))
+        if world > 1:
+            dist.barrier()
+        ae_state = load_checkpoint(ae_path)
+        cfg["autoencoder"] = AutoencoderConfig(**ae_state["autoencoder_config"])
+        ae = build_autoencoder(cfg["autoencoder"])
+        ae.load_state_dict(ae_state["autoencoder"])
+        ae.eval().requires_grad_(False).to(device)  # frozen: no grads, never wrapped in DDP
+        if cfg["model"].in_channels != cfg["autoencoder"].embed_dim:
+            raise UserError(f"model.in_channels={cfg['model'].in_channels} but the autoencoder's latents have "
+                            f"{cfg['autoencoder'].embed_dim} channels")
+        train_set = dataset
+        if tc.latent_cache:
+            cache_path = out_dir / "latents.pt"
+            if not cache_path.exists() and master:
+                t0 = time.time()
+                save_checkpoint(cache_path, encode_dataset(ae, dataset, device, tc.num_workers))
+                log(f"latent cache: encoded {len(dataset)} images in {time.time() - t0:.0f}s -> {cache_path}")
+            if world > 1:
+                dist.barrier()
+            train_set = LatentDataset(load_checkpoint(cache_path))
+        scale = cfg["autoencoder"].scale_factor
+
+        # --- model, EMA, optimizer (and their state when resuming) ---
+        unet = LayoutUNet(cfg["model"]).to(device)
+        if tc.trainable == "layout":
+            freeze_foundation(unet)
+        elif tc.trainable != "all":
+            raise UserError(f"train.trainable={tc.trainable!r}, expected 'all' or 'layout'")
+        ema = copy.deepcopy(unet).requires_grad_(False)
+        params = [p for p in unet.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
+                                fused=device.type == "cuda")  # fused: one kernel for all tensors
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        step = 0
+        if ckpt is not None:
+            unet.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            step = ckpt["step"]  # from the file, never from its name
+            if world == ckpt.get("world_size") and "torch_rng" in ckpt and master:
+                torch.set_rng_state(ckpt["torch_rng"])
+            log(f"resumed from {out_dir / 'last.pt'} at step {step}")
+        log(f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
+            f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device} | world {world} | micro-batch {micro}")
+        model = DDP(unet, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else unet
+        if tc.compile and device.type == "cuda":
+            model = torch.compile(model)
+        diffusion = Diffusion(dc).to(device)
+
+        # --- fixed layouts and noise for the sample grids ---
+        val = build_dataset(cfg["data"], "val", cfg["model"].max_objects)
+        items = [val[i] for i in range(min(tc.sample_n, len(val)))]
+        grid_layouts = {k: torch.stack([it[k] for it in items]).to(device) for k in ("boxes", "labels", "box_mask")}
+        f = cfg["autoencoder"].downsample_factor
+        latent_shape = (cfg["autoencoder"].embed_dim, cfg["data"].image_size // f, cfg["data"].image_size // f)
+        grid_noise = torch.randn(len(items), *latent_shape, generator=torch.Generator().manual_seed(tc.seed)).to(device)
+        writer = None
+        if master:
+            from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+            writer = SummaryWriter(str(out_dir / "tb"))
+
+        def save(path):
+            if master:
+                save_checkpoint(path, {
+                    "model": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
+                    "world_size": world, "torch_rng": torch.get_rng_state(), "config": config_to_dict(cfg),
+                    "class_names": class_names, "autoencoder": ae.state_dict()})
+            if world > 1:
+                dist.barrier()
+
+        def samples():
+            if master:
+                grid = sample_grid(ema, ae, diffusion, dc, grid_layouts, grid_noise, class_names)
+                (out_dir / "samples").mkdir(exist_ok=True)
+                tensor_to_pil(grid.float() / 127.5 - 1).save(out_dir / "samples" / f"step_{step:07d}.png")
+                writer.add_image("samples", grid, step)
+            if world > 1:
+                dist.barrier()
+
+        # --- the loop ---
+        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=tc.seed, drop_last=True)
+        steps_per_epoch = len(sampler) // micro // tc.grad_accum
+        if steps_per_epoch == 0:
+            raise UserError(f"data: {len(train_set)} training items are fewer than one batch of {tc.batch_size}")
+        gen = torch.Generator(device)
+        stop = {"signal": None}
+        for sig in (signal.SIGTERM, signal.SIGINT):  # schedulers send these before preemption
+            signal.signal(sig, lambda s, _: stop.update(signal=s))
+        running = torch.zeros(3, device=device)  # loss sum, count, non-finite steps
+        quartiles = torch.zeros(2, 4, device=device)  # loss sum and count by timestep quartile
+        nonfinite_in_a_row, t_log, n_log = 0, time.time(), 0
+        while step < tc.max_steps and stop["signal"] is None:
+            epoch = step // steps_per_epoch
+            sampler.set_epoch(epoch)
+            skip = (step % steps_per_epoch) * tc.grad_accum * micro  # resume mid-epoch where we left off
+            loader = torch.utils.data.DataLoader(train_set, batch_size=micro, sampler=SkipSampler(sampler, skip),
+                                                 num_workers=0 if tc.latent_cache else tc.num_workers,
+                                                 pin_memory=device.type == "cuda", drop_last=True)
+            batches = iter(loader)
+            for _ in range(steps_per_epoch - step % steps_per_epoch):
+                if step >= tc.max_steps or stop["signal"] is not None:
+                    break
+                lr = tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))  # linear warm-up, then constant
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                for micro_step in range(tc.grad_accum):
+                    batch = next(batches)
+                    # noise, timesteps and dropout are a pure function of (seed, rank, step, micro-step):
+                    # a resumed run draws exactly what the uninterrupted run would have drawn
+                    gen.manual_seed((tc.seed << 40) ^ (rank << 32) ^ (step * tc.grad_accum + micro_step))
+                    n = max(1, int(batch["box_mask"].sum(1).max()))  # trim padding (CPU tensor: no device sync)
+                    boxes, labels = batch["boxes"][:, :n].to(device), batch["labels"][:, :n].to(device)
+                    box_mask = batch["box_mask"][:, :n].to(device)
+                    with torch.no_grad():
+                        if tc.latent_cache:
+                            mean, std = batch["mean"].to(device).float(), batch["std"].to(device).float()
+                            z = mean + std * torch.randn(mean.shape, generator=gen, device=device)
+                        else:
+                            m, logvar = ae.encode(batch["image"].to(device))
+                            z = ae.sample(m, logvar, torch.randn(m.shape, generator=gen, device=device))
+                        x_start = z * scale
+                    B = x_start.shape[0]
+                    keep = torch.rand(B, generator=gen, device=device) >= tc.layout_dropout
+                    box_mask = box_mask & keep[:, None]  # dropped layouts train the unconditional model
+                    t = torch.randint(0, dc.n_timestep, (B,), generator=gen, device=device)
+                    noise = torch.randn(x_start.shape, generator=gen, device=device)
+                    last = micro_step == tc.grad_accum - 1
+                    # no_sync: accumulate locally, all-reduce once on the last micro-step
+                    with (model.no_sync() if world > 1 and not last else contextlib.nullcontext()):
+                        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                            losses = diffusion.training_losses(model, x_start, t, noise, boxes=boxes, labels=labels,
+                                                               box_mask=box_mask)
+                        # divide by the micro-step count so the summed gradients are the mean over the full batch
+                        scaler.scale(losses["loss"] / tc.grad_accum).backward()
+                    with torch.no_grad():
+                        running[:2] += torch.stack([losses["loss"].detach().float(), torch.ones((), device=device)])
+                        q = (t * 4 // dc.n_timestep).clamp(max=3)
+                        quartiles[0].index_add_(0, q, losses["per_sample"].detach().float())
+                        quartiles[1].index_add_(0, q, torch.ones_like(q, dtype=torch.float))
+                scaler.unscale_(opt)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                # gradients are already all-reduced, so every rank sees the same norm and makes the same choice
+                if not torch.isfinite(grad_norm) and amp_dtype != torch.float16:  # (GradScaler skips fp16 infs itself)
+                    opt.zero_grad(set_to_none=True)
+                    nonfinite_in_a_row += 1
+                    running[2] += 1
+                    log(f"step {step}: non-finite loss/gradient, step skipped ({nonfinite_in_a_row} in a row)")
+                    if nonfinite_in_a_row >= tc.max_nonfinite:
+                        raise UserError(f"{nonfinite_in_a_row} non-finite steps in a row at step {step}; stopping. "
+                                        f"The last good checkpoint is {out_dir / 'last.pt'}")
+                    step += 1
+                    continue
+                nonfinite_in_a_row = 0
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                update_ema(ema, unet, tc.ema_decay)
+                step += 1
+                n_log += tc.batch_size
+                if world > 1:  # every rank must stop at the same step boundary
+                    flag = torch.tensor([float(stop["signal"] is not None)], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    if flag.item() > 0:
+                        stop["signal"] = stop["signal"] or signal.SIGTERM
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    if world > 1:
+                        dist.all_reduce(running)  # the loss averaged over ranks
+                    loss = (running[0] / running[1].clamp(min=1)).item()
+                    dt = time.time() - t_log
+                    eta = (tc.max_steps - step) * dt / max(1, tc.log_every)
+                    log(f"step {step:6d}/{tc.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm.item():.3f} | "
+                        f"{n_log / dt:.1f} img/s | ETA {eta / 60:.1f} min")
+                    if master:
+                        writer.add_scalar("loss", loss, step)
+                        for i, v in enumerate((quartiles[0] / quartiles[1].clamp(min=1)).tolist()):
+                            writer.add_scalar(f"loss_by_t/q{i}", v, step)
+                        writer.add_scalar("lr", lr, step)
+                        writer.add_scalar("grad_norm", grad_norm.item(), step)
+                        writer.add_scalar("images_per_sec", n_log / dt, step)
+                        writer.add_scalar("nonfinite_steps", running[2].item(), step)
+                        mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                        writer.add_scalar("memory_gib", mem / 2 ** 30, step)
+                    running.zero_(), quartiles.zero_()
+                    t_log, n_log = time.time(), 0
+                if step % tc.ckpt_every == 0:
+                    save(out_dir / "last.pt")
+                    if tc.keep_every and step % tc.keep_every == 0 and master:
+                        shutil.copyfile(out_dir / "last.pt", out_dir / f"step_{step:07d}.pt")
+                if step % tc.sample_every == 0:
+                    samples()
+        save(out_dir / "last.pt")
+        if stop["signal"] is not None:
+            log(f"received signal {stop['signal']}: saved {out_dir / 'last.pt'} at step {step}, exiting")
+        else:
+            samples()
+            if world > 1:  # the replicas must be bit-identical after DDP training
+                sums = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
+                dist.all_gather(sums, sum(p.double().sum() for p in unet.parameters()).reshape(1))
+                if len({s.item() for s in sums}) != 1:
+                    raise RuntimeError(f"ranks diverged: parameter sums {[s.item() for s in sums]}")
+                log(f"all {world} ranks hold identical weights")
+            log(f"done: {step} steps, checkpoint {out_dir / 'last.pt'}")
+        if writer is not None:
+            writer.close()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def cli(argv=None):
+    """Run main, turning user errors into one line on stderr and exit code 2."""
+    debug = "--debug" in (argv if argv is not None else sys.argv)
+    try:
+        main(argv)
+    except UserError as e:
+        if debug:
+            raise
+        rank = os.environ.get("RANK")
+        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
