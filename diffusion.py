@@ -200,12 +200,14 @@ class Diffusion:
     # --- DDIM sub-sequence ---
 
     def ddim_timesteps(self, steps: int) -> torch.Tensor:
-        """The original's "uniform" sub-sequence, ascending int64: 0, c, 2c, ... (< T) PLUS ONE,
-        with c = T // steps (S=20: 1, 51, ..., 951). When c does not divide T this gives MORE
-        than `steps` steps (T=1000, S=300: 334), as in the original."""
+        """The original's "uniform" sub-sequence, ascending int64: 0, c, 2c, ... PLUS ONE, with
+        c = T // steps (S=20: 1, 51, ..., 951). Exactly `steps` of them: where c does not divide T
+        the original takes every multiple below T, which gives more steps than asked (S=300: 334)
+        and for S=3 a timestep of 1000, past the end of the schedule (an IndexError)."""
         c = self.num_timesteps // steps
-        assert c >= 1, f"steps={steps} > n_timestep={self.num_timesteps}"
-        return torch.arange(0, self.num_timesteps, c, dtype=torch.int64) + 1
+        if c < 1:
+            raise ValueError(f"steps={steps} exceeds n_timestep={self.num_timesteps}")
+        return torch.arange(0, c * steps, c, dtype=torch.int64) + 1
 
     def ddim_coefficients(self, steps: int, eta: float = 0.0) -> dict:
         """Per-step float32 tables on the CPU for the ascending sub-sequence (index i = step i):

@@ -56,6 +56,11 @@ class ModelConfig:
     num_classes: int = 12               # object classes; index num_classes is the null token
     class_embed_dim: int = 64
     max_objects: int = 8                # most boxes one layout may hold (padded N)
+    # how the per-box attention is computed (same result): "window" gathers each box's cells into a
+    # window the size of the batch's largest box (cost ~ N * box^2, one device sync per forward);
+    # "masked" lets each box attend over the whole map with the other cells masked (cost ~ N * L^2,
+    # no sync: for torch.compile / CUDA graphs)
+    layout_attn_impl: str = "window"
 
 
 # -----------------------------------------------------------------------------
@@ -247,24 +252,42 @@ class AttentionBlock(nn.Module):
 # -----------------------------------------------------------------------------
 # layout conditioning: box rasterisation and layout attention (instance_prompt_attention.py)
 
-def box_regions(boxes: torch.Tensor, box_mask: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """Cells of an H x W map covered by each box: (B, N, 4) x,y,w,h -> bool (B, N, H*W).
+def box_cells(boxes: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, ...]:
+    """Rows [row0, row1) and columns [col0, col1) of an H x W map covered by each box (B, N, 4) x,y,w,h.
 
     The original's rounding rule: start = min(size-1, floor(pos*size)), end = start + max(1,
     ceil(extent*size)), clipped to the map. So every box covers at least one cell and a box starting
     at 1.0 gets the last row/column. Computed in float64, as the original's data loader delivers."""
-    b = boxes.double()
-    x, y, w, h = b.unbind(-1)
+    x, y, w, h = boxes.double().unbind(-1)
     row0 = torch.clamp(torch.floor(y * H), max=H - 1)
     col0 = torch.clamp(torch.floor(x * W), max=W - 1)
-    row1 = row0 + torch.clamp(torch.ceil(h * H), min=1)
-    col1 = col0 + torch.clamp(torch.ceil(w * W), min=1)
-    rows = torch.arange(H, device=boxes.device, dtype=torch.float64)
-    cols = torch.arange(W, device=boxes.device, dtype=torch.float64)
+    row1 = torch.clamp(row0 + torch.clamp(torch.ceil(h * H), min=1), max=H)
+    col1 = torch.clamp(col0 + torch.clamp(torch.ceil(w * W), min=1), max=W)
+    return tuple(v.long() for v in (row0, row1, col0, col1))  # each (B, N)
+
+
+def box_regions(boxes: torch.Tensor, box_mask: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Cells of an H x W map covered by each real box: bool (B, N, H*W)."""
+    row0, row1, col0, col1 = box_cells(boxes, H, W)
+    rows, cols = torch.arange(H, device=boxes.device), torch.arange(W, device=boxes.device)
     in_rows = (rows >= row0[..., None]) & (rows < row1[..., None])  # (B, N, H)
     in_cols = (cols >= col0[..., None]) & (cols < col1[..., None])  # (B, N, W)
     region = in_rows[..., :, None] & in_cols[..., None, :]           # (B, N, H, W)
     return region.flatten(2) & box_mask[..., None]
+
+
+def box_windows(boxes: torch.Tensor, box_mask: torch.Tensor, H: int, W: int) -> dict:
+    """Each box as a fixed-size window of cell indices, for the windowed layout attention:
+    index (B, N, wh*ww) into the H*W map and valid (B, N, wh*ww), where wh x ww is the largest box
+    of the batch in cells. Knowing wh, ww costs one device sync per forward (free on a CPU)."""
+    row0, row1, col0, col1 = box_cells(boxes, H, W)
+    real = box_mask[..., None]
+    wh, ww = int(torch.where(box_mask, row1 - row0, 1).max()), int(torch.where(box_mask, col1 - col0, 1).max())
+    rows = row0[..., None] + torch.arange(wh, device=boxes.device)   # (B, N, wh)
+    cols = col0[..., None] + torch.arange(ww, device=boxes.device)   # (B, N, ww)
+    valid = ((rows < row1[..., None]) & real)[..., :, None] & (cols < col1[..., None])[..., None, :]
+    index = rows.clamp(max=H - 1)[..., :, None] * W + cols.clamp(max=W - 1)[..., None, :]
+    return {"index": index.flatten(2), "valid": valid.flatten(2)}
 
 
 def layout_raster(region: torch.Tensor, labels: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
@@ -283,16 +306,19 @@ class LayoutAttention(nn.Module):
     """Layout attention block (InstancePromptAttentionBlock of the original): one head over all C
     channels, class-prompt tokens added to q, k, v, output through a zero-initialised projection.
 
-    layout_partial_v2 (the paper's default), batched formulation: with P = to_prompt_token(raster)
-    the prompt tokens (shared by all boxes: in overlaps they encode the average class), box j attends
-    only inside its region R_j:  out_j[t] = softmax_{s in R_j}((q+P_q)_t . (k+P_k)_s / sqrt(C)) (v+P_v)_s.
-    All boxes are computed at once by treating the N boxes as N "heads" of one SDPA call whose
-    queries/keys/values are the SAME tensors broadcast (expand, no copy) and whose boolean key mask is
-    R_j. The restricted softmax is thus done by SDPA with -inf outside the region (max-subtracted, so
-    stable for any logits), and we never build a (B, N, L, L) tensor ourselves: the fused kernels
-    stream over keys. Cost is N*L^2*C instead of sum_j |R_j|^2*C; rows of queries outside R_j are
-    discarded. Cells covered by k boxes take the mean of their k outputs; uncovered cells take a
-    global attention in which every cell carries the null token (a_null).
+    layout_partial_v2 (the paper's default), batched: with P = to_prompt_token(raster) the prompt
+    tokens (shared by all boxes: in overlaps they encode the average class), box j attends only
+    inside its region R_j:  out_j[t] = softmax_{s in R_j}((q+P_q)_t . (k+P_k)_s / sqrt(C)) (v+P_v)_s.
+    All boxes of all images go through ONE SDPA call with the N boxes as N "heads" and a boolean key
+    mask, so the restricted softmax is SDPA's own (max-subtracted, stable for any logits; never a
+    global softmax re-normalised over the region, which underflows) and no (B, N, L, L) tensor is
+    built here. Two ways to lay out the boxes (config `layout_attn_impl`, same result):
+      window: gather each box's cells into a window of the batch's largest box, attend inside the
+              window (padding cells masked), scatter-add back: work ~ B*N*box^2*C, like the original.
+      masked: queries/keys/values are the same (B, L, C) tensors broadcast to N heads (expand, no
+              copy), keys outside R_j masked: work ~ B*N*L^2*C, rows outside R_j discarded; no sync.
+    Cells covered by k boxes take the mean of their k outputs; uncovered cells take a global
+    attention in which every cell carries the null token (a_null).
     layout_partial_v1: (a_null + sum_j out_j) / (1 + k) everywhere. layout: global attention with the
     class prompt. segmentation: global attention with the per-pixel class prompt of a label mask."""
 
@@ -319,21 +345,35 @@ class LayoutAttention(nn.Module):
             null_prompt = self.to_prompt_token(table.weight[-1].to(qkv.dtype))  # (3C,)
             q0, k0, v0 = (qkv + null_prompt).unsqueeze(1).chunk(3, dim=-1)
             a = F.scaled_dot_product_attention(q0, k0, v0)[:, 0]             # (B, L, C)
-            region = layout["region"]                                        # (B, N, L) bool
-            if region is not None and region.shape[1] > 0:
-                a = self._partial(a, qkv + prompt, region)
+            if layout["region"] is not None and layout["region"].shape[1] > 0:
+                a = self._partial(a, qkv + prompt, layout)
         return x + self.proj_out(a).transpose(1, 2).reshape(B, C, H, W)
 
-    def _partial(self, a_null, qkv, region):
+    def _partial(self, a_null, qkv, layout):
+        """Per-box attention restricted to each box's cells; (B, L, C) in and out."""
+        region = layout["region"]                                            # (B, N, L) bool
         B, N, L = region.shape
-        q, k, v = (z.unsqueeze(1).expand(B, N, L, z.shape[-1]) for z in qkv.chunk(3, dim=-1))
-        # padding boxes have empty regions: let them see every key (their rows are discarded)
-        # so that no softmax row is all -inf (which would give NaN, and NaN * 0 is still NaN)
-        keys = region | ~region.any(-1, keepdim=True)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, :, None, :])  # (B, N, L, C)
-        r = region.to(out.dtype)
-        count = r.sum(1)[..., None]                                          # (B, L, 1)
-        summed = torch.einsum("bnl,bnlc->blc", r, out)
+        C = a_null.shape[-1]
+        if "index" in layout:  # windowed: gather each box's cells into a padded window
+            index, valid = layout["index"], layout["valid"]                  # (B, N, Lw)
+            Lw = index.shape[-1]
+            win = torch.gather(qkv, 1, index.reshape(B, N * Lw, 1).expand(-1, -1, 3 * C)).view(B, N, Lw, 3 * C)
+            q, k, v = win.chunk(3, dim=-1)                                   # (B, N, Lw, C) each
+            keys = valid
+        else:  # masked: every box sees the whole map, keys outside its region masked out
+            q, k, v = (z.unsqueeze(1).expand(B, N, L, C) for z in qkv.chunk(3, dim=-1))
+            keys = region
+        # padding boxes have no cells: let them see every key (their rows are discarded) so that no
+        # softmax row is all -inf (that gives NaN, and NaN * 0 is still NaN)
+        keys = keys | ~keys.any(-1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, :, None, :])
+        if "index" in layout:  # scatter the valid window cells back onto the map, summing overlaps
+            out = out * valid[..., None].to(out.dtype)
+            summed = torch.zeros_like(a_null).scatter_add_(1, index.reshape(B, N * Lw, 1).expand(-1, -1, C),
+                                                           out.reshape(B, N * Lw, C))
+        else:
+            summed = torch.einsum("bnl,bnlc->blc", region.to(out.dtype), out)
+        count = region.sum(1, dtype=out.dtype)[..., None]                     # (B, L, 1) boxes covering a cell
         if self.attn_type == "layout_partial_v1":
             return (a_null + summed) / (1 + count)
         return torch.where(count > 0, summed / count.clamp(min=1), a_null)
@@ -354,6 +394,8 @@ class LayoutUNet(nn.Module):
         super().__init__()
         if cfg.layout_attn_type not in LAYOUT_ATTN_TYPES:
             raise ValueError(f"model.layout_attn_type: expected one of {LAYOUT_ATTN_TYPES}, got {cfg.layout_attn_type!r}")
+        if cfg.layout_attn_impl not in ("window", "masked"):
+            raise ValueError(f"model.layout_attn_impl: expected window|masked, got {cfg.layout_attn_impl!r}")
         if cfg.attention_type not in ("transformer", "self", "none"):
             raise ValueError(f"model.attention_type: expected transformer|self|none, got {cfg.attention_type!r}")
         self.cfg = cfg
@@ -457,6 +499,8 @@ class LayoutUNet(nn.Module):
                 mask = box_mask if box_mask is not None else torch.ones(labels.shape, dtype=torch.bool, device=device)
                 region = box_regions(boxes, mask, H, W)
                 maps[(H, W)] = {"raster": layout_raster(region, labels, table), "region": region}
+                if self.cfg.layout_attn_impl == "window" and self.cfg.layout_attn_type.startswith("layout_partial"):
+                    maps[(H, W)].update(box_windows(boxes, mask, H, W))
         return maps
 
     def layout_parameter_names(self) -> list[str]:

@@ -284,3 +284,12 @@ def test_parity_ddim_layout_unet(parity_dir):
 
 def test_parity_plms_layout_unet(parity_dir):
     _check_layout_unet(parity_dir, "plms")
+
+
+def test_ddim_timesteps_count_is_exact_for_non_divisors():
+    """The original's rule overruns for steps that do not divide T (S=3 gives timestep 1000, an
+    IndexError; S=300 gives 334 steps); ours gives exactly S steps, identical where S divides T."""
+    d = Diffusion(DiffusionConfig())
+    assert d.ddim_timesteps(3).tolist() == [1, 334, 667]
+    assert len(d.ddim_timesteps(300)) == 300 and d.ddim_timesteps(300).max() < 1000
+    assert d.ddim_timesteps(20).tolist() == list(range(1, 1000, 50))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import LayoutAttention, LayoutUNet, ModelConfig, box_regions, layout_raster
+from model import LayoutAttention, LayoutUNet, ModelConfig, box_regions, box_windows, layout_raster
 
 ATOL = RTOL = 1e-4  # the parity README's tolerance for single forwards
 
@@ -125,10 +125,11 @@ def random_layouts(B, N, gen):
     return boxes, labels, box_mask
 
 
-@pytest.mark.parametrize("attn_type", ["layout_partial_v2", "layout_partial_v1", "layout"])
+@pytest.mark.parametrize("attn_type,impl", [("layout_partial_v2", "window"), ("layout_partial_v2", "masked"),
+                                           ("layout_partial_v1", "window"), ("layout", "window")])
 @torch.no_grad()
-def test_batched_layouts_equal_single_image_calls(attn_type):
-    unet = tiny_unet(attn_type)
+def test_batched_layouts_equal_single_image_calls(attn_type, impl):
+    unet = tiny_unet(attn_type, layout_attn_impl=impl)
     gen = torch.Generator().manual_seed(1)
     B, N = 5, 6
     x, t = torch.randn(B, 4, 16, 16, generator=gen), torch.randint(0, 1000, (B,), generator=gen)
@@ -161,8 +162,9 @@ def loop_layout_attention(block, x, boxes, labels, table):
     return x + block.proj_out(out).T.reshape(C, H, W)
 
 
+@pytest.mark.parametrize("impl", ["window", "masked"])
 @torch.no_grad()
-def test_layout_attention_matches_loop_reference():
+def test_layout_attention_matches_loop_reference(impl):
     gen = torch.Generator().manual_seed(2)
     torch.manual_seed(2)
     block = LayoutAttention(32, 8, "layout_partial_v2")
@@ -174,6 +176,8 @@ def test_layout_attention_matches_loop_reference():
     x = torch.randn(B, 32, 12, 10, generator=gen)  # non-square map
     region = box_regions(boxes, box_mask, 12, 10)
     layout = {"raster": layout_raster(region, labels, table), "region": region}
+    if impl == "window":
+        layout.update(box_windows(boxes, box_mask, 12, 10))
     out = block(x, layout, table)
     for i in range(B):
         n = int(box_mask[i].sum())
@@ -181,8 +185,9 @@ def test_layout_attention_matches_loop_reference():
         torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["window", "masked"])
 @torch.no_grad()
-def test_layout_attention_is_stable_for_large_logits():
+def test_layout_attention_is_stable_for_large_logits(impl):
     """A softmax restricted to a region must not underflow when the region's logits are far below
     the global maximum (a masked global softmax would give 0/0 there)."""
     block = LayoutAttention(32, 8, "layout_partial_v2")
@@ -191,8 +196,12 @@ def test_layout_attention_is_stable_for_large_logits():
     torch.nn.init.normal_(block.proj_out.weight, 0, 0.1)
     x = torch.randn(1, 32, 8, 8) * 10
     boxes, labels = torch.tensor([[[0.0, 0.0, 0.25, 0.25]]]), torch.tensor([[1]])
-    region = box_regions(boxes, torch.ones(1, 1, dtype=torch.bool), 8, 8)
-    out = block(x, {"raster": layout_raster(region, labels, table), "region": region}, table)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    region = box_regions(boxes, mask, 8, 8)
+    layout = {"raster": layout_raster(region, labels, table), "region": region}
+    if impl == "window":
+        layout.update(box_windows(boxes, mask, 8, 8))
+    out = block(x, layout, table)
     assert torch.isfinite(out).all()
     ref = loop_layout_attention(block, x[0], boxes[0], labels[0], table)
     torch.testing.assert_close(out[0], ref, atol=1e-3, rtol=1e-4)
