@@ -61,6 +61,20 @@ class ModelConfig:
     # "masked" lets each box attend over the whole map with the other cells masked (cost ~ N * L^2,
     # no sync: for torch.compile / CUDA graphs)
     layout_attn_impl: str = "window"
+    # ours, off in the original's setups: add to each covered cell an embedding of its position
+    # inside its box, so the layout blocks can tell a triangle's apex from its base
+    box_coords: bool = False
+    # ours, off in the original's setups: also add each cell's prompt (class embedding, box position)
+    # to the block's output through a zero-initialised Linear, not only inside the attention
+    layout_residual: bool = False
+
+    def __post_init__(self):
+        for name, allowed in [("layout_attn_type", LAYOUT_ATTN_TYPES), ("layout_attn_impl", ("window", "masked")),
+                              ("attention_type", ("transformer", "self", "none"))]:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name}={getattr(self, name)!r}, expected one of {allowed}")
+        if self.model_channels % 32:  # every GroupNorm has 32 groups
+            raise ValueError(f"model.model_channels={self.model_channels}, expected a multiple of 32")
 
 
 # -----------------------------------------------------------------------------
@@ -290,6 +304,25 @@ def box_windows(boxes: torch.Tensor, box_mask: torch.Tensor, H: int, W: int) -> 
     return {"index": index.flatten(2), "valid": valid.flatten(2)}
 
 
+def box_coord_features(boxes: torch.Tensor, region: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Where each cell lies inside the box(es) covering it: (B, L, 8) sin/cos features of the
+    relative position u, v in (0, 1) at two frequencies, averaged over covering boxes (0 elsewhere)."""
+    row0, row1, col0, col1 = box_cells(boxes, H, W)
+    rows, cols = torch.arange(H, device=boxes.device), torch.arange(W, device=boxes.device)
+    v = (rows + 0.5 - row0[..., None]) / (row1 - row0)[..., None]         # (B, N, H)
+    u = (cols + 0.5 - col0[..., None]) / (col1 - col0)[..., None]         # (B, N, W)
+    k = torch.tensor([1.0, 2.0], device=boxes.device) * math.pi
+
+    def fourier(z):  # (B, N, S) -> (B, N, S, 4)
+        return torch.cat([torch.sin(z[..., None] * k), torch.cos(z[..., None] * k)], -1)
+
+    B, N = row0.shape
+    feats = torch.cat([fourier(v)[:, :, :, None].expand(B, N, H, W, 4),
+                       fourier(u)[:, :, None, :].expand(B, N, H, W, 4)], -1).reshape(B, N, H * W, 8)
+    r = region.to(feats.dtype)[..., None]
+    return (feats * r).sum(1) / r.sum(1).clamp(min=1)
+
+
 def layout_raster(region: torch.Tensor, labels: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
     """Class-embedding raster (B, L, d): the null embedding (last row of the table) on background
     cells, the MEAN class embedding of the covering boxes elsewhere (LayoutPrompt in the original)."""
@@ -322,7 +355,7 @@ class LayoutAttention(nn.Module):
     layout_partial_v1: (a_null + sum_j out_j) / (1 + k) everywhere. layout: global attention with the
     class prompt. segmentation: global attention with the per-pixel class prompt of a label mask."""
 
-    def __init__(self, channels: int, class_embed_dim: int, attn_type: str):
+    def __init__(self, channels: int, class_embed_dim: int, attn_type: str, residual_prompt: bool = False):
         super().__init__()
         self.attn_type = attn_type
         self.norm = nn.GroupNorm(32, channels)
@@ -331,6 +364,11 @@ class LayoutAttention(nn.Module):
         self.proj_out = nn.Linear(channels, channels)
         nn.init.zeros_(self.proj_out.weight)  # the adapted model starts as the foundation model
         nn.init.zeros_(self.proj_out.bias)
+        # ours (ModelConfig.layout_residual): each cell's own prompt also added straight to the
+        # residual; in the attention it only reaches its cell through the attention weights
+        self.prompt_residual = nn.Linear(class_embed_dim, channels, bias=False) if residual_prompt else None
+        if residual_prompt:
+            nn.init.zeros_(self.prompt_residual.weight)
 
     def forward(self, x, layout: dict, table: nn.Embedding):
         """x (B, C, H, W); layout["raster"] (B, L, d) class-embedding map, layout["region"] (B, N, L)."""
@@ -347,7 +385,10 @@ class LayoutAttention(nn.Module):
             a = F.scaled_dot_product_attention(q0, k0, v0)[:, 0]             # (B, L, C)
             if layout["region"] is not None and layout["region"].shape[1] > 0:
                 a = self._partial(a, qkv + prompt, layout)
-        return x + self.proj_out(a).transpose(1, 2).reshape(B, C, H, W)
+        out = self.proj_out(a)
+        if self.prompt_residual is not None:
+            out = out + self.prompt_residual(layout["raster"].to(out.dtype))
+        return x + out.transpose(1, 2).reshape(B, C, H, W)
 
     def _partial(self, a_null, qkv, layout):
         """Per-box attention restricted to each box's cells; (B, L, C) in and out."""
@@ -392,18 +433,13 @@ def subsample_mask(seg_mask: torch.Tensor, H: int) -> torch.Tensor:
 class LayoutUNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.layout_attn_type not in LAYOUT_ATTN_TYPES:
-            raise ValueError(f"model.layout_attn_type: expected one of {LAYOUT_ATTN_TYPES}, got {cfg.layout_attn_type!r}")
-        if cfg.layout_attn_impl not in ("window", "masked"):
-            raise ValueError(f"model.layout_attn_impl: expected window|masked, got {cfg.layout_attn_impl!r}")
-        if cfg.attention_type not in ("transformer", "self", "none"):
-            raise ValueError(f"model.attention_type: expected transformer|self|none, got {cfg.attention_type!r}")
         self.cfg = cfg
         mc = cfg.model_channels
         emb_dim = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # one class table shared by every layout block; row num_classes is the null token
         self.cls_embedder = nn.Embedding(cfg.num_classes + 1, cfg.class_embed_dim)
+        self.box_coord_proj = nn.Linear(8, cfg.class_embed_dim, bias=False) if cfg.box_coords else None
 
         def level_layers(ch: int, ds: int) -> list[nn.Module]:
             """The attention layers that follow a ResBlock at downsample rate ds."""
@@ -414,7 +450,7 @@ class LayoutUNet(nn.Module):
             elif ds in cfg.attention_resolutions and cfg.attention_type == "self":
                 layers.append(AttentionBlock(ch, heads))
             if ds in cfg.layout_resolutions:
-                layers.append(LayoutAttention(ch, cfg.class_embed_dim, cfg.layout_attn_type))
+                layers.append(LayoutAttention(ch, cfg.class_embed_dim, cfg.layout_attn_type, cfg.layout_residual))
             return layers
 
         self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
@@ -498,7 +534,10 @@ class LayoutUNet(nn.Module):
             else:
                 mask = box_mask if box_mask is not None else torch.ones(labels.shape, dtype=torch.bool, device=device)
                 region = box_regions(boxes, mask, H, W)
-                maps[(H, W)] = {"raster": layout_raster(region, labels, table), "region": region}
+                raster = layout_raster(region, labels, table)
+                if self.box_coord_proj is not None:
+                    raster = raster + self.box_coord_proj(box_coord_features(boxes, region, H, W).to(raster.dtype))
+                maps[(H, W)] = {"raster": raster, "region": region}
                 if self.cfg.layout_attn_impl == "window" and self.cfg.layout_attn_type.startswith("layout_partial"):
                     maps[(H, W)].update(box_windows(boxes, mask, H, W))
         return maps
@@ -508,7 +547,7 @@ class LayoutUNet(nn.Module):
         attention blocks and the task prompts. The trainable set of its SD configs."""
         blocks = tuple(name + "." for name, m in self.named_modules() if isinstance(m, LayoutAttention))
         return [name for name, _ in self.named_parameters()
-                if name.startswith(blocks) or name.startswith("cls_embedder") or name.endswith("attn2.prompt")
+                if name.startswith(blocks) or name.startswith(("cls_embedder", "box_coord_proj")) or name.endswith("attn2.prompt")
                 or ".prompt_to_context_dim." in name or ".image_to_context_dim." in name]
 
     # --- forward -----------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def load_model(ckpt_path: str, device, use_ema: bool = True):
         ae = build_autoencoder(cfg["autoencoder"])
         ae.load_state_dict(ckpt["autoencoder"])
     except (KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"{ckpt_path}: weights do not fit the config saved with them: {str(e).splitlines()[0]}") from None
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # str() of a KeyError adds quotes
+        raise UserError(f"{ckpt_path}: weights do not fit the config saved with them: {msg.splitlines()[0]}") from None
     unet.eval().to(device)
     ae.eval().to(device)
     return unet, ae, Diffusion(cfg["diffusion"]).to(device), cfg, ckpt["class_names"]

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import math
 import os
 import resource
 import shutil
@@ -31,7 +32,6 @@ import torch.distributed as dist
 import yaml
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.utils import make_grid
 
 from dataset import DataConfig, build_dataset, draw_layout, pil_to_tensor, tensor_to_pil
 from diffusion import Diffusion, DiffusionConfig
@@ -49,6 +49,8 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     warmup_steps: int = 100
+    lr_decay: bool = False              # cosine decay after the warm-up
+    lr_min_ratio: float = 0.1           # the decayed rate at the last step, relative to lr
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -57,7 +59,7 @@ class TrainConfig:
     layout_dropout: float = 0.1         # drop the whole layout of an image: trains the unconditional model for guidance
     text_dropout: float = 0.1
     seed: int = 0
-    num_workers: int = 2
+    num_workers: int = 0
     latent_cache: bool = True           # encode the training images once, train on the stored posteriors
     compile: bool = False               # torch.compile the UNet (CUDA only)
     device: str = "auto"                # auto | cpu | cuda
@@ -69,7 +71,7 @@ class TrainConfig:
     max_nonfinite: int = 10             # stop after this many non-finite losses in a row
     # the autoencoder stage: used when autoencoder_ckpt is empty
     autoencoder_ckpt: str = ""          # a trained autoencoder (ours or a foundation's); empty: train one
-    ae_steps: int = 600
+    ae_steps: int = 400
     ae_lr: float = 2e-3
     ae_batch_size: int = 32
     ae_kl_weight: float = 1e-6
@@ -77,6 +79,10 @@ class TrainConfig:
 
 SECTIONS = {"model": ModelConfig, "autoencoder": AutoencoderConfig, "diffusion": DiffusionConfig,
             "data": DataConfig, "train": TrainConfig}
+
+
+class _Raw(str):
+    """A command-line value: parsed as YAML for typed fields, kept verbatim for text fields."""
 
 
 class UserError(Exception):
@@ -96,6 +102,11 @@ def _check_type(value, tp, where: str):
         return [_check_type(v, item, where) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # PyYAML (YAML 1.1) reads 1e-4 as a string: it wants a dot, as in 1.0e-4
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise UserError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
@@ -146,11 +157,7 @@ def load_config(path: str | Path = ROOT / "config.yaml", preset: str | None = No
         if not sep or "." not in key:
             raise UserError(f"override {item!r}: expected --section.key=value")
         section, name = key.split(".", 1)
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            parsed = value
-        _merge(raw, {section: {name: parsed}}, "command line")
+        _merge(raw, {section: {name: _Raw(value)}}, "command line")
     cfg = {}
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
@@ -158,11 +165,16 @@ def load_config(path: str | Path = ROOT / "config.yaml", preset: str | None = No
         for key, (value, source) in raw.get(section, {}).items():
             if key not in hints:
                 raise UserError(f"{source}: unknown key {section}.{key}")
+            if isinstance(value, _Raw):  # a path stays a string; "1e-4", "[1, 2]", "true" get their type
+                try:
+                    value = str(value) if hints[key] is str else yaml.safe_load(value)
+                except yaml.YAMLError:
+                    value = str(value)
             kwargs[key] = _check_type(value, hints[key], f"{source}: {section}.{key}")
         try:
             cfg[section] = cls(**kwargs)
-        except ValueError as e:
-            raise UserError(f"{path}: {e}") from None
+        except ValueError as e:  # a value outside its allowed set, from any source
+            raise UserError(f"config: {e}") from None
     return cfg
 
 
@@ -184,9 +196,15 @@ def save_checkpoint(path: Path, state: dict):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{path}: could not write checkpoint ({e.strerror or e}); the previous checkpoint is intact") from None
+    except Exception as e:
+        tmp.unlink(missing_ok=True)  # whatever stopped the write: no half-written .tmp left behind
+        cause = e  # torch.save reports a failed write (a full disk) as a RuntimeError whose context is the OSError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise UserError(f"{path}: could not write checkpoint ({cause.strerror or cause}); "
+                        f"the previous checkpoint is intact") from None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -197,6 +215,28 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign files raise many different errors
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def restore_training_state(ckpt: dict, path: Path, unet, ema, opt, scaler):
+    """Load the model, EMA, optimizer and scaler state of a checkpoint being resumed. A checkpoint of
+    another architecture (say --model.model_channels changed on --resume) or with another set of
+    trained parameters is a UserError naming the first entry that does not fit."""
+    for what, module in (("model", unet), ("EMA", ema)):
+        try:  # names the first missing key or mismatching shape, where load_state_dict lists them all
+            module.load_original_state_dict(ckpt[what.lower()])
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{path}: the {what} weights do not fit the model of this config: {e.args[0]}") from None
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+    except ValueError as e:  # a different number of trained parameters
+        raise UserError(f"{path}: the optimizer state does not fit the trained parameters ({e}); "
+                        f"did train.trainable change?") from None
+    for name, p in unet.named_parameters():  # torch checks the counts only: a wrong shape would fail mid-step
+        for key, value in opt.state.get(p, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                raise UserError(f"{path}: the optimizer state {key} of {name} has shape {tuple(value.shape)}, "
+                                f"the parameter {tuple(p.shape)}")
+    scaler.load_state_dict(ckpt["scaler"])
 
 
 # -----------------------------------------------------------------------------
@@ -279,6 +319,27 @@ class SkipSampler(torch.utils.data.Sampler):
 # -----------------------------------------------------------------------------
 # hooks: EMA, sample grid, logging
 
+def learning_rate(tc: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant; with train.lr_decay, a cosine decay to lr_min_ratio * lr over
+    the run (a short run ends sharper when its last steps take small ones)."""
+    lr = tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
+    if tc.lr_decay and step >= tc.warmup_steps:
+        progress = (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps)
+        lr *= tc.lr_min_ratio + (1 - tc.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
+
+
+@torch.no_grad()
+def weights_digest(module) -> torch.Tensor:
+    """Two position-weighted sums per tensor (parameters and buffers): equal digests across ranks
+    mean equal weights for any practical purpose (a swap of two values changes the second sum)."""
+    out = []
+    for v in list(module.parameters()) + list(module.buffers()):
+        v = v.detach().double().flatten()
+        out.append(torch.stack([v.sum(), (v * torch.linspace(1, 2, len(v), device=v.device, dtype=v.dtype)).sum()]))
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay: float):
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -308,6 +369,7 @@ def sample_grid(unet, ae, diffusion: Diffusion, dc: DiffusionConfig, layouts: di
         boxed = draw_layout(pil, layouts["boxes"][i].cpu(), layouts["labels"][i].cpu(), layouts["box_mask"][i].cpu(), class_names)
         plain.append(pil_to_tensor(pil.resize(boxed.size, Image.NEAREST)))
         drawn.append(pil_to_tensor(boxed))
+    from torchvision.utils import make_grid  # imported here: torchvision adds seconds to every start-up
     grid = make_grid(torch.stack(plain + drawn), nrow=len(images), padding=2, pad_value=1.0)
     return ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
@@ -325,7 +387,7 @@ def parse_args(argv=None):
     args, overrides = parser.parse_known_args(argv)
     for o in overrides:
         if not o.startswith("--") or "." not in o.split("=")[0]:
-            parser.error(f"unrecognised argument {o!r} (overrides look like --train.lr=1e-4)")
+            raise UserError(f"unrecognised argument {o!r} (overrides look like --train.lr=1e-4)")
     args.overrides = overrides
     return args
 
@@ -350,11 +412,16 @@ def main(argv=None):
     cfg = load_config(args.config, args.preset, args.overrides)
     ckpt = None
     if args.resume:  # the run's own config, with this command line's overrides on top
-        ckpt = load_checkpoint(Path(cfg["train"].out_dir) / "last.pt")
+        ckpt_path = Path(cfg["train"].out_dir) / "last.pt"
+        ckpt = load_checkpoint(ckpt_path)
+        missing = ([k for k in ("model", "ema", "optimizer", "scaler", "step", "config") if k not in ckpt]
+                   if isinstance(ckpt, dict) else ["model"])
+        if missing:
+            raise UserError(f"{ckpt_path}: not a training checkpoint of this project (no {missing[0]!r} entry)")
         cfg = load_config(base=ckpt["config"], overrides=args.overrides)
     tc, dc = cfg["train"], cfg["diffusion"]
     rank, local_rank, world, device = setup_distributed(tc)
-    master = rank == 0
+    master, writer = rank == 0, None
     try:
         out_dir = Path(tc.out_dir)
         log = print if master else (lambda *a, **k: None)
@@ -415,10 +482,7 @@ def main(argv=None):
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         step = 0
         if ckpt is not None:
-            unet.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
+            restore_training_state(ckpt, out_dir / "last.pt", unet, ema, opt, scaler)
             step = ckpt["step"]  # from the file, never from its name
             if world == ckpt.get("world_size") and "torch_rng" in ckpt and master:
                 torch.set_rng_state(ckpt["torch_rng"])
@@ -437,7 +501,6 @@ def main(argv=None):
         f = cfg["autoencoder"].downsample_factor
         latent_shape = (cfg["autoencoder"].embed_dim, cfg["data"].image_size // f, cfg["data"].image_size // f)
         grid_noise = torch.randn(len(items), *latent_shape, generator=torch.Generator().manual_seed(tc.seed)).to(device)
-        writer = None
         if master:
             from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
             writer = SummaryWriter(str(out_dir / "tb"))
@@ -468,26 +531,48 @@ def main(argv=None):
         if steps_per_epoch == 0:
             raise UserError(f"data: {len(train_set)} training items are fewer than one batch of {tc.batch_size}")
         gen = torch.Generator(device)
-        stop = {"signal": None}
+        stop = {"signal": None, "received": None}  # received: by this process; signal: agreed by all ranks
         for sig in (signal.SIGTERM, signal.SIGINT):  # schedulers send these before preemption
-            signal.signal(sig, lambda s, _: stop.update(signal=s))
+            signal.signal(sig, lambda s, _: stop.update(received=s))
         running = torch.zeros(3, device=device)  # loss sum, count, non-finite steps
         quartiles = torch.zeros(2, 4, device=device)  # loss sum and count by timestep quartile
         nonfinite_in_a_row, t_log, n_log = 0, time.time(), 0
+        # test-only hooks, unset in real runs: LD_TEST_NAN_AT_STEP=N makes the loss NaN from step N on
+        # (the non-finite stop, tests/test_train.py); LD_TEST_CRASH_RANK=R with LD_TEST_CRASH_AT_STEP=N
+        # makes rank R die at once at step N, as a killed worker would (tests/test_reliability.py)
+        nan_at = int(os.environ.get("LD_TEST_NAN_AT_STEP", "-1"))
+        crash_rank = int(os.environ.get("LD_TEST_CRASH_RANK", "-1"))
+        crash_at = int(os.environ.get("LD_TEST_CRASH_AT_STEP", "-1")) if crash_rank == rank else -1
         while step < tc.max_steps and stop["signal"] is None:
             epoch = step // steps_per_epoch
             sampler.set_epoch(epoch)
             skip = (step % steps_per_epoch) * tc.grad_accum * micro  # resume mid-epoch where we left off
+            # the loader's own generator: otherwise each new iterator draws its worker seed from the global
+            # RNG, and a resumed run's dropout masks would differ from those of the uninterrupted run
+            loader_gen = torch.Generator().manual_seed((tc.seed << 40) ^ (rank << 32) ^ epoch)
             loader = torch.utils.data.DataLoader(train_set, batch_size=micro, sampler=SkipSampler(sampler, skip),
                                                  num_workers=0 if tc.latent_cache else tc.num_workers,
-                                                 pin_memory=device.type == "cuda", drop_last=True)
+                                                 pin_memory=device.type == "cuda", drop_last=True, generator=loader_gen)
             batches = iter(loader)
             for _ in range(steps_per_epoch - step % steps_per_epoch):
+                # every rank must stop at the same step boundary: a signal may reach the ranks at
+                # different moments, so they act on it only once they agree, here, between steps
+                if world > 1:
+                    flag = torch.tensor([float(stop["received"] is not None)], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    if flag.item() > 0:
+                        stop["signal"] = stop["received"] or signal.SIGTERM
+                else:
+                    stop["signal"] = stop["received"]
                 if step >= tc.max_steps or stop["signal"] is not None:
                     break
-                lr = tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))  # linear warm-up, then constant
+                if step == crash_at:
+                    print(f"rank {rank}: LD_TEST_CRASH_AT_STEP={step}, exiting at once", file=sys.stderr, flush=True)
+                    os._exit(1)  # no cleanup, no goodbye to the other ranks
+                lr = learning_rate(tc, step)
                 for g in opt.param_groups:
                     g["lr"] = lr
+                step_stats = torch.zeros(3, 4, device=device)  # loss sums: total, by timestep quartile, and counts
                 for micro_step in range(tc.grad_accum):
                     batch = next(batches)
                     # noise, timesteps and dropout are a pure function of (seed, rank, step, micro-step):
@@ -515,38 +600,36 @@ def main(argv=None):
                         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                             losses = diffusion.training_losses(model, x_start, t, noise, boxes=boxes, labels=labels,
                                                                box_mask=box_mask)
+                            if 0 <= nan_at <= step:
+                                losses["loss"] = losses["loss"] * float("nan")
                         # divide by the micro-step count so the summed gradients are the mean over the full batch
                         scaler.scale(losses["loss"] / tc.grad_accum).backward()
                     with torch.no_grad():
-                        running[:2] += torch.stack([losses["loss"].detach().float(), torch.ones((), device=device)])
                         q = (t * 4 // dc.n_timestep).clamp(max=3)
-                        quartiles[0].index_add_(0, q, losses["per_sample"].detach().float())
-                        quartiles[1].index_add_(0, q, torch.ones_like(q, dtype=torch.float))
+                        step_stats[0, 0] += losses["loss"].detach().float() / tc.grad_accum
+                        step_stats[1].index_add_(0, q, losses["per_sample"].detach().float())
+                        step_stats[2].index_add_(0, q, torch.ones_like(q, dtype=torch.float))
                 scaler.unscale_(opt)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                # gradients are already all-reduced, so every rank sees the same norm and makes the same choice
-                if not torch.isfinite(grad_norm) and amp_dtype != torch.float16:  # (GradScaler skips fp16 infs itself)
-                    opt.zero_grad(set_to_none=True)
+                # gradients are already all-reduced, so every rank sees the same norm and makes the same
+                # choice; fp16's GradScaler skips steps with infs by itself
+                if torch.isfinite(grad_norm) or amp_dtype == torch.float16:
+                    nonfinite_in_a_row = 0
+                    scaler.step(opt)
+                    scaler.update()
+                    update_ema(ema, unet, tc.ema_decay)
+                    running[:2] += torch.stack([step_stats[0, 0], torch.ones((), device=device)])
+                    quartiles += step_stats[1:]
+                else:  # skip the update; a NaN must not reach the weights, the EMA or the logged loss
                     nonfinite_in_a_row += 1
                     running[2] += 1
-                    log(f"step {step}: non-finite loss/gradient, step skipped ({nonfinite_in_a_row} in a row)")
+                    log(f"step {step + 1}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
                     if nonfinite_in_a_row >= tc.max_nonfinite:
-                        raise UserError(f"{nonfinite_in_a_row} non-finite steps in a row at step {step}; stopping. "
+                        raise UserError(f"{nonfinite_in_a_row} non-finite steps in a row at step {step + 1}; stopping. "
                                         f"The last good checkpoint is {out_dir / 'last.pt'}")
-                    step += 1
-                    continue
-                nonfinite_in_a_row = 0
-                scaler.step(opt)
-                scaler.update()
                 opt.zero_grad(set_to_none=True)
-                update_ema(ema, unet, tc.ema_decay)
                 step += 1
                 n_log += tc.batch_size
-                if world > 1:  # every rank must stop at the same step boundary
-                    flag = torch.tensor([float(stop["signal"] is not None)], device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    if flag.item() > 0:
-                        stop["signal"] = stop["signal"] or signal.SIGTERM
                 if step % tc.log_every == 0 or step == tc.max_steps:
                     if world > 1:
                         dist.all_reduce(running)  # the loss averaged over ranks
@@ -580,15 +663,16 @@ def main(argv=None):
         else:
             samples()
             if world > 1:  # the replicas must be bit-identical after DDP training
-                sums = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
-                dist.all_gather(sums, sum(p.double().sum() for p in unet.parameters()).reshape(1))
-                if len({s.item() for s in sums}) != 1:
-                    raise RuntimeError(f"ranks diverged: parameter sums {[s.item() for s in sums]}")
+                digest = weights_digest(unet)
+                digests = [torch.zeros_like(digest) for _ in range(world)]
+                dist.all_gather(digests, digest)
+                if not all(torch.equal(d, digest) for d in digests):
+                    raise RuntimeError(f"rank weights differ after training (rank {rank})")
                 log(f"all {world} ranks hold identical weights")
             log(f"done: {step} steps, checkpoint {out_dir / 'last.pt'}")
+    finally:
         if writer is not None:
             writer.close()
-    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -1,4 +1,5 @@
-"""Shared test fixtures: the repo root on sys.path and the parity-fixture folder."""
+"""Shared test fixtures: the repo root on sys.path, the parity-fixture folder, and a tiny training
+run (trained once per session) for the train.py / sample.py CLI tests."""
 import os
 import sys
 from pathlib import Path
@@ -26,3 +27,41 @@ def parity_dir() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return d
+
+
+# -----------------------------------------------------------------------------
+# running the CLIs as subprocesses (tests/test_train.py, tests/test_sample.py)
+
+def cli_env(**extra: str) -> dict:
+    """The environment for a CLI subprocess: one OpenMP thread each (this box has 2 cores, shared),
+    unbuffered output (tests read the log while a run goes on), no inherited torchrun variables."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LD_TEST_NAN_AT_STEP")}
+    return dict(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """run_cli("train.py", *args, timeout=, env=) -> CompletedProcess (text), run from the repo root."""
+    import subprocess
+
+    def run(script: str, *args, timeout: float = 120, env: dict | None = None):
+        return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=env or cli_env(),
+                              capture_output=True, text=True, timeout=timeout)
+    return run
+
+
+TINY_RUN_ARGS = ("--train.ckpt_every=3", "--train.log_every=1", "--model.dropout=0.1")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, run_cli) -> Path:
+    """The tiny preset trained once (6 steps, a checkpoint every 3, a log line every step, dropout on
+    so that resuming must restore the global RNG too) for the whole session: the run folder, with
+    the training output saved beside it as stdout.txt."""
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    proc = run_cli("train.py", "--preset", "tiny", f"--train.out_dir={out}", *TINY_RUN_ARGS, timeout=300)
+    if proc.returncode != 0:
+        pytest.fail(f"tiny training run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    (out.parent / "stdout.txt").write_text(proc.stdout)
+    return out
