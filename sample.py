@@ -22,7 +22,8 @@ import torch
 from dataset import LayoutError, draw_layout, layouts_to_tensors, load_layouts, tensor_to_pil
 from diffusion import Diffusion
 from model import LayoutUNet
-from train import UserError, load_checkpoint, load_config
+from config import UserError
+from train import load_checkpoint, load_config
 from vqvae import build_autoencoder
 
 DEFAULT_CKPT = "runs/shapes/last.pt"
@@ -31,7 +32,7 @@ DEFAULT_CKPT = "runs/shapes/last.pt"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample images for layouts with a LayoutDiffuse checkpoint.")
     p.add_argument("--layout", required=True, help="layout JSON file (or the original's x,y,w,h,class text format)")
-    p.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"checkpoint (default {DEFAULT_CKPT})")
+    p.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"checkpoint of train.py or weights.py convert (default {DEFAULT_CKPT})")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's config)")
@@ -48,6 +49,9 @@ def parse_args(argv=None):
 def load_model(ckpt_path: str, device, use_ema: bool = True):
     """Checkpoint -> (unet, autoencoder, diffusion, config, class names), ready for sampling."""
     ckpt = load_checkpoint(ckpt_path)
+    if isinstance(ckpt, dict) and any(str(k).startswith("denoise_fn.") for k in ckpt.get("state_dict", {})):
+        raise UserError(f"{ckpt_path}: a released LayoutDiffuse checkpoint; convert it first: python weights.py "
+                        f"convert {ckpt_path} OUT.pt --unet-args UNET.json --ae-args AE.json (see weights.py)")
     if "config" not in ckpt or "model" not in ckpt:
         raise UserError(f"{ckpt_path}: not a training checkpoint of this project (no 'config'/'model' entries)")
     cfg = load_config(base=ckpt["config"])

@@ -23,7 +23,6 @@ import shutil
 import signal
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +32,13 @@ import yaml
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import config
+from config import UserError, config_to_dict
 from dataset import DataConfig, build_dataset, draw_layout, pil_to_tensor, tensor_to_pil
 from diffusion import Diffusion, DiffusionConfig
 from model import LayoutUNet, ModelConfig
 from vqvae import AutoencoderConfig, autoencoder_loss, build_autoencoder
+from weights import foundation_to_layout_unet, load_foundation
 
 ROOT = Path(__file__).resolve().parent
 
@@ -56,6 +58,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     precision: str = "auto"             # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     trainable: str = "all"              # all | layout (only the new LayoutDiffuse parts; foundation frozen)
+    init_from: str = ""                 # a foundation checkpoint (LDM/SD file, unet.ckpt or ours) to start the UNet from
     layout_dropout: float = 0.1         # drop the whole layout of an image: trains the unconditional model for guidance
     text_dropout: float = 0.1
     seed: int = 0
@@ -81,105 +84,10 @@ SECTIONS = {"model": ModelConfig, "autoencoder": AutoencoderConfig, "diffusion":
             "data": DataConfig, "train": TrainConfig}
 
 
-class _Raw(str):
-    """A command-line value: parsed as YAML for typed fields, kept verbatim for text fields."""
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2 (a traceback only with --debug)."""
-
-
-# -----------------------------------------------------------------------------
-# config: config.yaml -> preset -> --section.key=value overrides -> one dataclass per section
-
-def _check_type(value, tp, where: str):
-    """Return value if it fits the dataclass field type tp (ints are accepted as floats)."""
-    origin = typing.get_origin(tp)
-    if origin is list:
-        if not isinstance(value, list):
-            raise UserError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_check_type(v, item, where) for v in value]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # PyYAML (YAML 1.1) reads 1e-4 as a string: it wants a dot, as in 1.0e-4
-            return float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise UserError(f"{where}: expected {tp.__name__}, got {value!r}")
-    return value
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.exists():
-        raise UserError(f"{path}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise UserError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def _merge(cfg: dict, update: dict, source: str):
-    for section, values in update.items():
-        if section not in SECTIONS:
-            raise UserError(f"{source}: unknown section {section!r} (expected one of {list(SECTIONS)})")
-        if not isinstance(values, dict):
-            raise UserError(f"{source}: section {section!r} must be a mapping")
-        for key, value in values.items():
-            cfg.setdefault(section, {})[key] = (value, source)
-
-
 def load_config(path: str | Path = ROOT / "config.yaml", preset: str | None = None,
                 overrides: list[str] = (), base: dict | None = None) -> dict:
-    """Resolve the config into {section: dataclass}: the YAML file (or `base`, a saved config dict),
-    then the preset, then overrides like `--train.lr=1e-4` (values parsed as YAML). Unknown keys and
-    wrong types are errors that name the file and the key."""
-    raw: dict = {}
-    if base is not None:
-        _merge(raw, base, "checkpoint config")
-    else:
-        _merge(raw, _read_yaml(Path(path)), str(path))
-    if preset:
-        preset_path = Path(preset) if preset.endswith(".yaml") else ROOT / "presets" / f"{preset}.yaml"
-        if not preset_path.exists():
-            known = sorted(p.stem for p in (ROOT / "presets").glob("*.yaml"))
-            raise UserError(f"preset {preset!r}: no file {preset_path} (known presets: {', '.join(known)})")
-        _merge(raw, _read_yaml(preset_path), str(preset_path))
-    for item in overrides:
-        key, sep, value = item.lstrip("-").partition("=")
-        if not sep or "." not in key:
-            raise UserError(f"override {item!r}: expected --section.key=value")
-        section, name = key.split(".", 1)
-        _merge(raw, {section: {name: _Raw(value)}}, "command line")
-    cfg = {}
-    for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, (value, source) in raw.get(section, {}).items():
-            if key not in hints:
-                raise UserError(f"{source}: unknown key {section}.{key}")
-            if isinstance(value, _Raw):  # a path stays a string; "1e-4", "[1, 2]", "true" get their type
-                try:
-                    value = str(value) if hints[key] is str else yaml.safe_load(value)
-                except yaml.YAMLError:
-                    value = str(value)
-            kwargs[key] = _check_type(value, hints[key], f"{source}: {section}.{key}")
-        try:
-            cfg[section] = cls(**kwargs)
-        except ValueError as e:  # a value outside its allowed set, from any source
-            raise UserError(f"config: {e}") from None
-    return cfg
-
-
-def config_to_dict(cfg: dict) -> dict:
-    return {section: dataclasses.asdict(c) for section, c in cfg.items()}
+    """{section: dataclass} for the sections of this project (see config.py)."""
+    return config.load_config(SECTIONS, path, preset, overrides, base)
 
 
 # -----------------------------------------------------------------------------
@@ -471,6 +379,11 @@ def main(argv=None):
 
         # --- model, EMA, optimizer (and their state when resuming) ---
         unet = LayoutUNet(cfg["model"]).to(device)
+        if tc.init_from and ckpt is None:  # every rank loads the same file; a resume brings its own weights
+            foundation = load_foundation(tc.init_from)["unet"]
+            if not foundation:
+                raise UserError(f"{tc.init_from}: train.init_from holds no UNet weights")
+            log(f"UNet initialised from {tc.init_from}:\n{foundation_to_layout_unet(unet, foundation)}")
         if tc.trainable == "layout":
             freeze_foundation(unet)
         elif tc.trainable != "all":

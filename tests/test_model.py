@@ -127,11 +127,11 @@ def random_layouts(B, N, gen):
 
 @pytest.mark.parametrize("attn_type,impl,coords", [("layout_partial_v2", "window", False),
                                                   ("layout_partial_v2", "masked", False),
-                                                  ("layout_partial_v2", "window", True),
+                                                  ("layout_partial_v2", "window", True),  # + layout_residual
                                                   ("layout_partial_v1", "window", False), ("layout", "window", False)])
 @torch.no_grad()
 def test_batched_layouts_equal_single_image_calls(attn_type, impl, coords):
-    unet = tiny_unet(attn_type, layout_attn_impl=impl, box_coords=coords)
+    unet = tiny_unet(attn_type, layout_attn_impl=impl, box_coords=coords, layout_residual=coords)
     gen = torch.Generator().manual_seed(1)
     B, N = 5, 6
     x, t = torch.randn(B, 4, 16, 16, generator=gen), torch.randint(0, 1000, (B,), generator=gen)

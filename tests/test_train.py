@@ -365,3 +365,17 @@ def test_ddp_sigterm_to_one_rank_stops_every_rank(background, tmp_path):
     assert len(found) == 1 and found[0][0] == str(out / "last.pt"), log.read_text()[-3000:]
     assert load(out / "last.pt")["step"] == int(found[0][1])
     assert "done:" not in log.read_text()
+
+
+def test_config_yaml_sets_and_comments_every_field():
+    """config.yaml is the one source of defaults: every dataclass field appears in it with a comment."""
+    import dataclasses
+    import yaml
+    from train import ROOT, SECTIONS
+    text = (ROOT / "config.yaml").read_text()
+    data = yaml.safe_load(text)
+    for section, cls in SECTIONS.items():
+        assert set(data[section]) == {f.name for f in dataclasses.fields(cls)}, section
+    for line in text.splitlines():
+        if line.startswith("  ") and ":" in line:
+            assert "#" in line, f"config.yaml line without a comment: {line!r}"
