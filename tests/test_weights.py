@@ -1,0 +1,302 @@
+"""Checkpoint formats (weights.py): the full-size key lists of ../shared/parity/manifests on the meta
+device (no memory), and small real models for the file formats, the forward pass and the CLIs."""
+import json
+import sys
+
+import pytest
+import torch
+
+from config import UserError
+from conftest import cli_env
+from diffusion import Diffusion, DiffusionConfig
+from model import LayoutAttention, LayoutUNet, ModelConfig
+from vqvae import AutoencoderKL, VQModel
+import weights
+from weights import (SCHEDULE_KEYS, foundation_to_layout_unet, load_foundation, read_state_dict,
+                     released_to_ours, split_foundation)
+
+CONFIGS = ["cocostuff_SD1_5", "cocostuff", "celeb_mask"]
+TEXT = {"cocostuff_SD1_5": "text_model_SD1_5_FrozenCLIPEmbedder", "cocostuff": "text_model_cocostuff_BERTEmbedder"}
+AUTOENCODER = {"cocostuff_SD1_5": ("autoencoder_kl_SD1_5", AutoencoderKL),
+               "cocostuff": ("autoencoder_kl_SD1_5", AutoencoderKL), "celeb_mask": ("vq_celeb_mask", VQModel)}
+
+
+def manifest(parity_dir, name: str) -> dict:
+    return json.loads((parity_dir / "manifests" / f"{name}.json").read_text())
+
+
+def meta_state_dict(entries) -> dict:
+    """{name: meta tensor} from a manifest's [name, shape(, dtype)] list: names and shapes only."""
+    return {e[0]: torch.empty(e[1], device="meta") for e in entries}
+
+
+def ours(name: str) -> str:
+    return weights._our_name(name)
+
+
+# -----------------------------------------------------------------------------
+# full-size key lists (meta device)
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_foundation_init_matches_the_original_mapping(parity_dir, config):
+    """The foundation UNet (split unet.ckpt keys) fills our layout UNet as the original's
+    initialize_unet does: the same moved slots, the same parameters left at init, nothing unused."""
+    mapping = manifest(parity_dir, f"init_mapping_{config}")
+    with torch.device("meta"):
+        unet = LayoutUNet.from_original(manifest(parity_dir, f"layout_unet_{config}")["constructor_args"])
+    shapes = {k: v.shape for k, v in unet.state_dict().items()}
+    report = foundation_to_layout_unet(unet, meta_state_dict(mapping["foundation_state_dict"]))
+    assert len(report.loaded) == len(mapping["foundation_state_dict"])
+    assert report.moved == mapping["renamed_copies"]
+    assert sorted(report.new) == sorted(unet.layout_parameter_names()) == sorted(map(ours, mapping["layout_params_not_loaded"]))
+    assert report.unused == mapping["split_file_keys_not_used"] == []
+    assert {k: v.shape for k, v in unet.state_dict().items()} == shapes  # assign=True kept every shape
+    assert "moved one slot" in str(report) and f"{len(report.new)} left at init" in str(report)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_single_file_splits_like_split_model_py(parity_dir, config):
+    """A public single-file checkpoint splits into exactly the manifest keys of each part; the
+    extra entries (EMA copies, schedule) are dropped; every part loads into its model."""
+    mapping = manifest(parity_dir, f"init_mapping_{config}")
+    ae_name, ae_cls = AUTOENCODER[config]
+    parts = {"unet": meta_state_dict(mapping["foundation_state_dict"]),
+             "autoencoder": meta_state_dict(manifest(parity_dir, ae_name)["state_dict"]),
+             "text": meta_state_dict(manifest(parity_dir, TEXT[config])["state_dict"]) if config in TEXT else {}}
+    single = {prefix + k: v for part, prefix in weights.FOUNDATION_PREFIXES.items() for k, v in parts[part].items()}
+    single.update({"betas": torch.empty(1000, device="meta"), "model_ema.decay": torch.empty((), device="meta")})
+    split = split_foundation(single)
+    assert {p: list(d) for p, d in split.items()} == {p: list(d) for p, d in parts.items()}
+    with torch.device("meta"):
+        unet = LayoutUNet.from_original(manifest(parity_dir, f"layout_unet_{config}")["constructor_args"])
+        ae = ae_cls.from_original(manifest(parity_dir, ae_name)["constructor_args"])
+    assert len(foundation_to_layout_unet(unet, split["unet"]).loaded) == len(parts["unet"])
+    ae.load_original_state_dict(split["autoencoder"])  # strict: raises on any missing/extra key
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_released_checkpoint_keys(parity_dir, config):
+    """A released Lightning state dict splits into the manifest parts plus the 12 schedule buffers,
+    and its UNet part loads name for name (class-table aliases dropped, nothing moved or missing)."""
+    lightning = manifest(parity_dir, f"lightning_checkpoint_{config}")
+    sd = meta_state_dict(lightning["top_level_buffers"])
+    for prefix, name in lightning["prefix_to_manifest"].items():
+        sd.update({prefix + k: v for k, v in meta_state_dict(manifest(parity_dir, name.removesuffix(".json"))["state_dict"]).items()})
+    assert len(sd) == lightning["num_keys"]
+    parts = released_to_ours(sd)
+    counts = {p: len(parts[p]) for p in ("unet", "autoencoder", "text")}
+    per_prefix = lightning["keys_per_prefix"]
+    assert counts == {"unet": per_prefix["denoise_fn"], "autoencoder": per_prefix["vqvae_fn"], "text": per_prefix.get("text_fn", 0)}
+    assert list(parts["schedule"]) == list(SCHEDULE_KEYS)
+    with torch.device("meta"):
+        unet = LayoutUNet.from_original(manifest(parity_dir, f"layout_unet_{config}")["constructor_args"])
+    report = foundation_to_layout_unet(unet, parts["unet"])
+    assert (report.new, report.unused, report.moved) == ([], [], {})
+    with pytest.raises(UserError, match="unexpected key optimizer.x"):
+        released_to_ours({**sd, "optimizer.x": torch.empty(1, device="meta")})
+
+
+def test_shape_mismatch_names_the_key(parity_dir):
+    mapping = manifest(parity_dir, "init_mapping_cocostuff_SD1_5")
+    sd = meta_state_dict(mapping["foundation_state_dict"])
+    sd["input_blocks.1.1.proj_in.weight"] = torch.empty(320, 321, 1, 1, device="meta")
+    with torch.device("meta"):
+        unet = LayoutUNet.from_original(manifest(parity_dir, "layout_unet_cocostuff_SD1_5")["constructor_args"])
+    with pytest.raises(UserError, match=r"input_blocks\.1\.1\.proj_in\.weight: shape \(320, 321, 1, 1\)"):
+        foundation_to_layout_unet(unet, sd)
+
+
+# -----------------------------------------------------------------------------
+# small real models: file formats, "the adapted model starts as the foundation model"
+
+def tiny_cfg(attention_type: str, layout: bool = True, linear: bool = False) -> ModelConfig:
+    return ModelConfig(model_channels=32, channel_mult=[1, 2], attention_resolutions=[1, 2], num_heads=2,
+                       attention_type=attention_type, context_dim=16, use_linear_in_transformer=linear,
+                       layout_resolutions=[1, 2] if layout else [], num_classes=5, class_embed_dim=16,
+                       box_coords=True, layout_residual=True)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+def conv_shaped(sd: dict, model: LayoutUNet) -> dict:
+    """Our Linear weights -> the original's conv shapes: [C, C, 1, 1] for SpatialTransformer
+    proj_in/proj_out (SD1.x/LDM), [3C, C, 1] / [C, C, 1] for the Conv1d of attention blocks."""
+    kinds = {name: type(m).__name__ for name, m in model.named_modules()}
+    out = {}
+    for k, v in sd.items():
+        owner, _, leaf = k.rpartition(".")
+        parent = owner.rpartition(".")[0]
+        if leaf == "weight" and kinds.get(parent) == "SpatialTransformer" and owner.endswith(("proj_in", "proj_out")):
+            v = v[..., None, None]
+        elif leaf == "weight" and kinds.get(parent) in ("AttentionBlock", "LayoutAttention") and owner.endswith(("qkv", "proj_out", "to_prompt_token")):
+            v = v[..., None]
+        out[k] = v
+    return out
+
+
+def layout_inputs(B: int = 2):
+    gen = torch.Generator().manual_seed(1)
+    boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.4], [0.4, 0.3, 0.5, 0.6]]] * B)
+    return dict(x=torch.randn(B, 4, 8, 8, generator=gen), t=torch.tensor([10, 500]), text=torch.randn(B, 3, 16, generator=gen),
+                boxes=boxes, labels=torch.tensor([[1, 3]] * B), box_mask=torch.ones(B, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("attention_type,linear", [("transformer", False), ("transformer", True), ("self", False)])
+def test_file_formats_load_the_same_and_start_as_the_foundation(tmp_path, attention_type, linear):
+    """Single file with prefixes, split files and .safetensors give the same layout UNet, and with
+    its zero-initialised layout blocks it computes exactly what the foundation UNet computes."""
+    foundation = randomize(LayoutUNet(tiny_cfg(attention_type, layout=False, linear=linear))).eval()
+    unet_sd = {k: v for k, v in foundation.state_dict().items() if k not in set(foundation.layout_parameter_names())}
+    if not linear:
+        unet_sd = conv_shaped(unet_sd, foundation)
+    ae_sd, text_sd = {"encoder.conv_in.weight": torch.randn(8, 3, 3, 3)}, {"transformer.token_emb.weight": torch.randn(10, 4)}
+    single = {**{"model.diffusion_model." + k: v for k, v in unet_sd.items()},
+              **{"first_stage_model." + k: v for k, v in ae_sd.items()},
+              **{"cond_stage_model." + k: v for k, v in text_sd.items()}, "betas": torch.rand(1000)}
+    torch.save({"state_dict": single, "global_step": 3}, tmp_path / "sd.ckpt")
+    for name, sd in (("unet.ckpt", unet_sd), ("vqvae.ckpt", ae_sd), ("bert.ckpt", text_sd)):
+        torch.save(sd, tmp_path / name)
+    sources = {"single": [tmp_path / "sd.ckpt"], "split": [tmp_path / n for n in ("unet.ckpt", "vqvae.ckpt", "bert.ckpt")]}
+    try:
+        from safetensors.torch import save_file
+        save_file(single, str(tmp_path / "sd.safetensors"))
+        sources["safetensors"] = [tmp_path / "sd.safetensors"]
+    except ImportError:
+        pass
+    inputs = layout_inputs()
+    with torch.no_grad():
+        expected = foundation(**inputs)
+    for how, paths in sources.items():
+        parts = load_foundation(*paths)
+        assert list(parts["autoencoder"]) == list(ae_sd) and list(parts["text"]) == list(text_sd), how
+        torch.manual_seed(0)
+        unet = LayoutUNet(tiny_cfg(attention_type, linear=linear)).eval()
+        report = foundation_to_layout_unet(unet, parts["unet"])
+        assert sorted(report.new) == sorted(unet.layout_parameter_names()) and not report.unused, how
+        assert len(report.loaded) == len(unet_sd) and report.moved, how
+        with torch.no_grad():
+            torch.testing.assert_close(unet(**inputs), expected, atol=1e-5, rtol=1e-5, msg=how)
+
+
+class Opaque:
+    """A pickled Python object that the weights_only loader refuses."""
+
+
+def test_read_state_dict_refuses_pickles_unless_allowed(tmp_path):
+    path = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": {"a": torch.ones(2)}, "hyper_parameters": Opaque()}, path)
+    with pytest.raises(UserError, match=r"legacy\.ckpt: a legacy pickle.*allow_pickle=True"):
+        read_state_dict(path)
+    assert list(read_state_dict(path, allow_pickle=True)) == ["a"]
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match=r"broken\.pt: not a readable checkpoint"):
+        read_state_dict(tmp_path / "broken.pt")
+
+
+def test_safetensors_round_trip_and_missing_package(tmp_path, monkeypatch):
+    path = tmp_path / "w.safetensors"
+    sd = {"a": torch.randn(3, 2), "b.c": torch.arange(4)}
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        save_file = None
+    if save_file is not None:
+        save_file(sd, str(path))
+        got = read_state_dict(path)
+        assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+    path.touch()
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(UserError, match=r"w\.safetensors: .*pip install safetensors"):
+        read_state_dict(path)
+
+
+# -----------------------------------------------------------------------------
+# the converter CLI and train.init_from
+
+UNET_ARGS = {"image_size": 8, "in_channels": 4, "model_channels": 32, "out_channels": 4, "num_res_blocks": 1,
+             "attention_resolutions": [1, 2], "channel_mult": [1, 2], "num_heads": 2, "use_spatial_transformer": True,
+             "transformer_depth": 1, "legacy": False, "prompt_dim": 16, "num_prompt": 4, "image_in_kv": True,
+             "text_context_dim": 16, "instance_prompt_attn_type": "layout_partial_v2", "instance_attn_res": [1, 2],
+             "instance_prompt_args": {"num_classes": 5, "embedding_dim": 16}}
+AE_ARGS = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 16, "in_channels": 3, "out_ch": 3,
+                                        "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                                        "dropout": 0.0}, "lossconfig": {"target": "torch.nn.Identity"}}
+
+
+def original_layout_state_dict(unet: LayoutUNet) -> dict:
+    """Our layout UNet's weights under the original's names and shapes, class-table aliases included."""
+    sd = conv_shaped(unet.state_dict(), unet)
+    out = {k.replace(".to_prompt_token.", ".attention.to_prompt_token."): v for k, v in sd.items() if k != "cls_embedder.weight"}
+    out["cls_embedder.class_embedder.weight"] = sd["cls_embedder.weight"]
+    for name, m in unet.named_modules():
+        if isinstance(m, LayoutAttention):
+            out[name + weights.CLASS_TABLE_ALIAS] = sd["cls_embedder.weight"]
+    return out
+
+
+def test_convert_released_checkpoint_for_sample_py(tmp_path, capsys):
+    import sample
+    unet = randomize(LayoutUNet.from_original(UNET_ARGS)).eval()
+    ae = randomize(AutoencoderKL.from_original(AE_ARGS), seed=1)
+    schedule = Diffusion(DiffusionConfig(linear_start=0.0015, linear_end=0.0195))
+    sd = {**{"denoise_fn." + k: v for k, v in original_layout_state_dict(unet).items()},
+          **{"vqvae_fn." + k: v for k, v in ae.state_dict().items()},
+          "text_fn.transformer.token_emb.weight": torch.randn(10, 16),
+          **{k: getattr(schedule, k) for k in SCHEDULE_KEYS}}
+    released = tmp_path / "released.ckpt"
+    torch.save({"state_dict": sd, "global_step": 7}, released)
+    (tmp_path / "unet.json").write_text(json.dumps({"constructor_args": UNET_ARGS}))  # a manifest-like file
+    (tmp_path / "ae.json").write_text(json.dumps(AE_ARGS))
+    with pytest.raises(UserError, match="convert it first"):
+        sample.load_model(str(released), "cpu")
+    weights.main(["convert", str(released), str(tmp_path / "ours.pt"), "--unet-args", str(tmp_path / "unet.json"),
+                  "--ae-args", str(tmp_path / "ae.json"), "--text-out", str(tmp_path / "text.pt")])
+    assert "schedule 12 checked" in capsys.readouterr().out
+    unet2, ae2, diffusion, cfg, names = sample.load_model(str(tmp_path / "ours.pt"), "cpu")
+    assert names == [f"class_{i}" for i in range(5)] and cfg["data"].image_size == 16
+    assert cfg["diffusion"].linear_start == pytest.approx(0.0015) and cfg["diffusion"].linear_end == pytest.approx(0.0195)
+    assert all(torch.equal(v, ae.state_dict()[k]) for k, v in ae2.state_dict().items())
+    assert torch.load(tmp_path / "ours.pt", weights_only=True)["step"] == 7
+    assert list(torch.load(tmp_path / "text.pt", weights_only=True)) == ["transformer.token_emb.weight"]
+    inputs = layout_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(unet2(**inputs), unet(**inputs), atol=0, rtol=0)
+    bad = dict(sd, betas=sd["betas"] * 1.1)
+    torch.save({"state_dict": bad}, released)
+    with pytest.raises(SystemExit):
+        weights.main(["convert", str(released), str(tmp_path / "x.pt"), "--unet-args", str(tmp_path / "unet.json"),
+                      "--ae-args", str(tmp_path / "ae.json")])
+    assert "schedule buffer" in capsys.readouterr().err
+
+
+def test_train_init_from_foundation(tmp_path, run_cli):
+    """train.init_from with trainable=layout: the original's SD setup. The frozen foundation weights
+    in the trained checkpoint are exactly the file's; rank 0 prints the report."""
+    from train import load_config
+    cfg = load_config(preset="tiny")
+    cfg["model"].layout_resolutions = []
+    foundation = randomize(LayoutUNet(cfg["model"]))
+    unet_sd = {k: v for k, v in foundation.state_dict().items() if k not in set(foundation.layout_parameter_names())}
+    unet_sd = conv_shaped(unet_sd, foundation)
+    torch.save({"state_dict": {"model.diffusion_model." + k: v for k, v in unet_sd.items()}}, tmp_path / "f.ckpt")
+    out = tmp_path / "run"
+    proc = run_cli("train.py", "--preset", "tiny", f"--train.out_dir={out}", "--train.max_steps=2", "--train.ae_steps=1",
+                   "--train.sample_every=100", "--train.trainable=layout", f"--train.init_from={tmp_path / 'f.ckpt'}",
+                   timeout=300, env=cli_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"UNet initialised from {tmp_path / 'f.ckpt'}" in proc.stdout and "left at init" in proc.stdout
+    model = torch.load(out / "last.pt", weights_only=True)["model"]
+    cfg["model"].layout_resolutions = [1, 2]
+    unet = LayoutUNet(cfg["model"])
+    report = foundation_to_layout_unet(unet, unet_sd)
+    for name in report.loaded:
+        assert torch.equal(model[name], unet.state_dict()[name]), name
+    again = foundation_to_layout_unet(LayoutUNet(cfg["model"]), load_foundation(out / "last.pt")["unet"])
+    assert (again.new, again.unused, again.moved) == ([], [], {})  # our own checkpoint: name for name, its EMA

@@ -1,0 +1,326 @@
+"""
+Checkpoint formats: reading weight files, and mapping the original's checkpoints onto our models.
+
+Three kinds of files come from outside this project:
+  * a public foundation checkpoint (LDM / Stable Diffusion): one file with the prefixes
+    `model.diffusion_model.` (UNet), `first_stage_model.` (autoencoder), `cond_stage_model.`
+    (text encoder), or the split files the original's `split_model.py` writes from it
+    (`unet.ckpt`, `vqvae.ckpt`, `clip.ckpt` / `bert.ckpt`);
+  * a released LayoutDiffuse checkpoint (Lightning): `denoise_fn.`, `vqvae_fn.`, `text_fn.` and
+    the 12 schedule buffers at top level;
+  * our own training checkpoints (train.py), which read as their EMA UNet.
+
+    unet = LayoutUNet(cfg["model"])
+    report = foundation_to_layout_unet(unet, load_foundation("v1-5-pruned.ckpt")["unet"])
+    print(report)      # tensors loaded, moved, left at init, unused
+
+    python weights.py convert layoutdiffuse.ckpt ours.pt --unet-args unet.json --ae-args ae.json
+    python weights.py convert layoutdiffuse.ckpt ours.pt --preset NAME
+
+`convert` writes the checkpoint format sample.py reads. Until presets for the original's models
+exist, give the original's constructor arguments as JSON files: either the kwargs dict itself
+(the `unet_args` / `vqvae_args` of the original's configs/*.json) or a parity manifest holding it
+under `constructor_args`. Released checkpoints are usually full Lightning pickles: pass
+--allow-pickle only for files you trust (unpickling can run code).
+"""
+import argparse
+import json
+import pickle
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from config import UserError
+from model import LayoutAttention, LayoutUNet
+
+FOUNDATION_PREFIXES = {"unet": "model.diffusion_model.", "autoencoder": "first_stage_model.", "text": "cond_stage_model."}
+RELEASED_PREFIXES = {"unet": "denoise_fn.", "autoencoder": "vqvae_fn.", "text": "text_fn."}
+SCHEDULE_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                 "posterior_mean_coef1", "posterior_mean_coef2")
+CLASS_TABLE_ALIAS = ".attention.class_embedder.class_embedder.weight"  # one copy per layout block in the original
+
+
+# -----------------------------------------------------------------------------
+# reading files
+
+def read_file(path, allow_pickle: bool = False):
+    """The object stored in a .safetensors / .ckpt / .pt / .pth file (tensors on the CPU).
+    Only tensors and plain containers are unpickled unless allow_pickle (which can run code)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: file not found")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UserError(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)") from None
+        return load_file(str(path), device="cpu")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as e:  # what weights_only=True raises, for pickled objects and for garbage
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found is None or allow_pickle:
+            detail = next((line.strip() for line in str(e).splitlines() if line.strip().startswith("Unsupported")), "")
+            raise UserError(f"{path}: not a readable checkpoint (UnpicklingError {detail[:200]})") from None
+        raise UserError(f"{path}: a legacy pickle holding Python objects besides tensors ({found.group(1)}), which "
+                        f"the safe loader refuses; if you trust the file, load it with allow_pickle=True "
+                        f"(--allow-pickle)") from None
+    except Exception as e:  # truncated or foreign files raise many different errors
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def read_state_dict(path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} dict: a top-level `state_dict` entry (Lightning, LDM) is unwrapped;
+    our own training checkpoints give their EMA UNet weights."""
+    return _as_state_dict(read_file(path, allow_pickle), path)
+
+
+def _as_state_dict(obj, path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and "model" in obj and "config" in obj:  # train.py's format
+        obj = obj.get("ema", obj["model"])
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    bad = next((k for k, v in obj.items() if not torch.is_tensor(v)), None)
+    if bad is not None:
+        raise UserError(f"{path}: not a state dict (entry {bad!r} is a {type(obj[bad]).__name__}, not a tensor)")
+    return obj
+
+
+# -----------------------------------------------------------------------------
+# splitting a checkpoint into its parts
+
+def _strip(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def split_foundation(sd: dict) -> dict:
+    """Public single-file LDM/SD checkpoint -> {"unet", "autoencoder", "text"}, each with its prefix
+    removed, as the original's split_model.py; everything else (EMA copies, schedule) is dropped."""
+    return {part: _strip(sd, prefix) for part, prefix in FOUNDATION_PREFIXES.items()}
+
+
+def load_foundation(*paths, allow_pickle: bool = False) -> dict:
+    """{"unet", "autoencoder", "text"} from one single-file checkpoint, or from split files given
+    as separate paths (unet.ckpt, vqvae.ckpt, clip.ckpt / bert.ckpt, recognised by their keys),
+    or from one of our own checkpoints (its EMA UNet). Parts no file holds are empty dicts."""
+    parts = {"unet": {}, "autoencoder": {}, "text": {}}
+    for path in paths:
+        sd = read_state_dict(path, allow_pickle)
+        if any(k.startswith(tuple(FOUNDATION_PREFIXES.values())) for k in sd):
+            found = {part: d for part, d in split_foundation(sd).items() if d}
+        elif "time_embed.0.weight" in sd:
+            found = {"unet": sd}
+        elif "encoder.conv_in.weight" in sd:
+            found = {"autoencoder": sd}
+        elif any(k.startswith("transformer.") for k in sd):
+            found = {"text": sd}
+        else:
+            raise UserError(f"{path}: neither a foundation checkpoint nor a UNet/autoencoder/text-encoder file "
+                            f"(first keys: {', '.join(list(sd)[:3])})")
+        for part, d in found.items():
+            if parts[part]:
+                raise UserError(f"{path}: a second {part} state dict (one file per part)")
+            parts[part] = d
+    return parts
+
+
+def released_to_ours(sd: dict) -> dict:
+    """Released LayoutDiffuse (Lightning) state dict -> {"unet", "autoencoder", "text", "schedule"},
+    prefixes removed, names still the original's (LayoutUNet/AutoencoderKL/VQModel load them).
+    A key with none of the prefixes that is not a schedule buffer is a UserError."""
+    out = {part: _strip(sd, prefix) for part, prefix in RELEASED_PREFIXES.items()}
+    out["schedule"] = {k: sd[k] for k in SCHEDULE_KEYS if k in sd}
+    known = tuple(RELEASED_PREFIXES.values())
+    other = [k for k in sd if not k.startswith(known) and k not in SCHEDULE_KEYS]
+    if other or not out["unet"]:
+        raise UserError(f"not a released LayoutDiffuse checkpoint: "
+                        f"{'unexpected key ' + other[0] if other else 'no denoise_fn. keys'}")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# a foundation (or layout) UNet state dict -> our layout UNet
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)      # our names that got a tensor from the file
+    moved: dict[str, str] = field(default_factory=dict)  # our name -> file key, where the slot shifted
+    new: list[str] = field(default_factory=list)         # our names left at their initial values
+    unused: list[str] = field(default_factory=list)      # file keys that fit nothing in the model
+
+    def __str__(self):
+        moved = sorted({f"{v.rsplit('.', 1)[0]} -> {k.rsplit('.', 1)[0]}" for k, v in self.moved.items()})
+        lines = [f"{len(self.loaded)} tensors loaded ({len(self.moved)} moved one slot: {', '.join(moved) or 'none'})",
+                 f"{len(self.new)} left at init (what LayoutDiffuse adds; zero proj_out: starts as the foundation)",
+                 f"{len(self.unused)} unused in the file" + (f": {', '.join(self.unused[:5])}" if self.unused else "")]
+        return "\n".join(lines)
+
+
+def foundation_slots(unet: LayoutUNet) -> dict[str, str]:
+    """{foundation key prefix: our prefix} for every layer that follows a LayoutAttention in its
+    block: the foundation has no layout block there, so its layer index is one less (in practice
+    the Upsample after a level with layout attention: output_blocks.5.2.conv -> output_blocks.5.3.conv)."""
+    slots = {}
+    for part in ("input_blocks", "output_blocks"):
+        for n, block in enumerate(getattr(unet, part)):
+            skipped = 0
+            for i, layer in enumerate(block):
+                if isinstance(layer, LayoutAttention):
+                    skipped += 1
+                elif skipped:
+                    slots[f"{part}.{n}.{i - skipped}."] = f"{part}.{n}.{i}."
+    return slots
+
+
+def _our_name(key: str) -> str:
+    """The original's layout-UNet names -> ours (the same renames as LayoutUNet.load_original_state_dict)."""
+    return key.replace("cls_embedder.class_embedder.", "cls_embedder.").replace(".attention.to_prompt_token.", ".to_prompt_token.")
+
+
+def foundation_to_layout_unet(unet: LayoutUNet, foundation_sd: dict) -> LoadReport:
+    """Load a foundation UNet state dict (original names; SD1.x 1x1-conv or SD2.x Linear proj_in/out)
+    into a layout UNet. Layers after a layout block move one slot (foundation_slots); what only
+    LayoutDiffuse has stays at its initial values. A file that already holds layout parameters
+    (a released or our own layout UNet) loads name for name, without the shift. A model on the
+    meta device takes the file's tensors (assign=True, no second copy); what the file lacks stays
+    on meta there (for key checks and conversion).
+    A tensor whose shape fits neither way is a UserError naming its key."""
+    own = unet.state_dict()
+    layout = set(unet.layout_parameter_names())
+    aliases = {k: v for k, v in foundation_sd.items() if k.endswith(CLASS_TABLE_ALIAS)}
+    names = {k: _our_name(k) for k in foundation_sd if k not in aliases}
+    is_layout_file = any(name in layout for name in names.values())
+    slots = {} if is_layout_file else foundation_slots(unet)
+    report, out = LoadReport(), {}
+    for key, name in names.items():
+        for src, dst in slots.items():
+            if name.startswith(src):
+                name = dst + name[len(src):]
+                report.moved[name] = key
+                break
+        if name not in own:
+            report.unused.append(key)
+            continue
+        value, target = foundation_sd[key], own[name]
+        if value.shape != target.shape:
+            if value.numel() != target.numel() or value.squeeze().shape != target.squeeze().shape:
+                raise UserError(f"{key}: shape {tuple(value.shape)} in the file, the model's {name} "
+                                f"is {tuple(target.shape)}")
+            value = value.reshape(target.shape)  # a 1x1 conv / Conv1d weight -> our Linear weight
+        out[name] = value.to(target.dtype) if target.is_floating_point() else value
+    table = out.get("cls_embedder.weight")
+    for key, value in aliases.items():  # every copy of the shared class table must agree
+        if table is not None and not value.is_meta and not torch.equal(value.to(table.dtype), table):
+            raise UserError(f"{key}: this alias of the shared class table differs from cls_embedder.class_embedder.weight")
+    report.loaded = list(out)
+    report.new = [k for k in own if k not in out]
+    assign = any(p.is_meta for p in unet.parameters())  # a meta model can only take the tensors themselves
+    unet.load_state_dict(out, strict=False, assign=assign)
+    return report
+
+
+# -----------------------------------------------------------------------------
+# converter: released LayoutDiffuse checkpoint -> our checkpoint format (what sample.py reads)
+
+def _read_args(path: str) -> dict:
+    try:
+        args = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable JSON file ({e})") from None
+    return args.get("constructor_args", args)
+
+
+def convert(args) -> dict:
+    """Build the model of the preset (or of the original's constructor arguments), fill it with
+    the released weights (every tensor used, nothing missing), check the schedule buffers against
+    ours, and write {model, ema, autoencoder, config, class_names, step}."""
+    from diffusion import Diffusion
+    from train import load_config, save_checkpoint
+    from config import config_to_dict
+    from vqvae import AutoencoderKL, VQModel, build_autoencoder
+
+    raw = read_file(args.input, args.allow_pickle)
+    parts = released_to_ours(_as_state_dict(raw, args.input))
+    cfg = load_config(preset=args.preset)
+    if args.unet_args:  # the original's architecture, not in a preset yet
+        unet_args = _read_args(args.unet_args)
+        cfg["model"] = LayoutUNet.config_from_original(unet_args)
+    if args.ae_args:
+        kind = "vq" if "quantize.embedding.weight" in parts["autoencoder"] else "kl"
+        scale = args.scale_factor or {"kl": 0.18215, "vq": 1.0}[kind]
+        with torch.device("meta"):
+            ae = {"kl": AutoencoderKL, "vq": VQModel}[kind].from_original(_read_args(args.ae_args), scale)
+        cfg["autoencoder"] = ae.cfg
+    if args.unet_args:  # the original's image_size is the latent's
+        cfg["data"].image_size = unet_args.get("image_size", 32) * cfg["autoencoder"].downsample_factor
+    with torch.device("meta"):
+        unet, ae = LayoutUNet(cfg["model"]), build_autoencoder(cfg["autoencoder"])
+    report = foundation_to_layout_unet(unet, parts["unet"])
+    if report.new or report.unused:
+        what = f"missing {report.new[0]}" if report.new else f"unexpected {report.unused[0]}"
+        raise UserError(f"{args.input}: the UNet weights do not fit this config ({what}; "
+                        f"{len(report.new)} missing, {len(report.unused)} unexpected)")
+    try:
+        ae.load_original_state_dict({k: v.to("meta") for k, v in parts["autoencoder"].items()})  # keys/shapes only
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{args.input}: the autoencoder weights do not fit this config: {e.args[0]}") from None
+    betas = parts["schedule"].get("betas")
+    if betas is not None:  # LDM "linear": betas[0] and betas[-1] are linear_start and linear_end
+        dc = cfg["diffusion"]
+        dc.schedule, dc.n_timestep = "linear", len(betas)
+        dc.linear_start, dc.linear_end = round(betas[0].item(), 8), round(betas[-1].item(), 8)
+        ours = Diffusion(dc)
+        for k, v in parts["schedule"].items():
+            if not torch.allclose(v.float(), getattr(ours, k), rtol=1e-4, atol=1e-7):
+                raise UserError(f"{args.input}: schedule buffer {k} is not the linear schedule "
+                                f"{dc.linear_start} -> {dc.linear_end} of diffusion.py")
+    n = cfg["model"].num_classes
+    names = Path(args.class_names).read_text().splitlines() if args.class_names else [f"class_{i}" for i in range(n)]
+    if len(names) != n:
+        raise UserError(f"{args.class_names}: {len(names)} class names, the model has {n} classes")
+    model = {k: v.contiguous() for k, v in unet.state_dict().items()}
+    ckpt = {"model": model, "ema": model, "config": config_to_dict(cfg), "class_names": names,
+            "autoencoder": {k: v.float() for k, v in parts["autoencoder"].items()},
+            "step": int(raw.get("global_step", 0))}
+    save_checkpoint(Path(args.output), ckpt)
+    if args.text_out and parts["text"]:  # no text encoder here yet: keep its weights aside, original names
+        save_checkpoint(Path(args.text_out), parts["text"])
+    print(f"{args.input} -> {args.output}: UNet {len(report.loaded)} tensors, autoencoder {len(parts['autoencoder'])}, "
+          f"schedule {len(parts['schedule'])} checked, text encoder {len(parts['text'])} "
+          f"({'written to ' + args.text_out if args.text_out and parts['text'] else 'not converted'})")
+    return ckpt
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Convert released LayoutDiffuse checkpoints to this project's format.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="released Lightning checkpoint -> our checkpoint (for sample.py)")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--preset", default=None, help="a preset whose model/autoencoder fit the checkpoint")
+    c.add_argument("--unet-args", default=None, help="JSON: the original's UNet constructor args (or a manifest)")
+    c.add_argument("--ae-args", default=None, help="JSON: the original's autoencoder constructor args (or a manifest)")
+    c.add_argument("--scale-factor", type=float, default=None, help="latent scale (default 0.18215 KL, 1.0 VQ)")
+    c.add_argument("--class-names", default=None, help="text file, one class name a line (default class_0, ...)")
+    c.add_argument("--text-out", default=None, help="also write the text encoder's weights (original names) here")
+    c.add_argument("--allow-pickle", action="store_true", help="unpickle Python objects (only for trusted files)")
+    c.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    args = p.parse_args(argv)
+    try:
+        return convert(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
