@@ -335,7 +335,6 @@ def main(argv=None):
         log = print if master else (lambda *a, **k: None)
         if master:
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             log(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=True).strip())
         micro = tc.batch_size // (world * tc.grad_accum)
         if micro * world * tc.grad_accum != tc.batch_size:
@@ -400,6 +399,8 @@ def main(argv=None):
             if world == ckpt.get("world_size") and "torch_rng" in ckpt and master:
                 torch.set_rng_state(ckpt["torch_rng"])
             log(f"resumed from {out_dir / 'last.pt'} at step {step}")
+        if master:  # written only now: with the autoencoder's scale factor, and not over a refused resume
+            (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         log(f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
             f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device} | world {world} | micro-batch {micro}")
         model = DDP(unet, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else unet
@@ -583,6 +584,11 @@ def main(argv=None):
                     raise RuntimeError(f"rank weights differ after training (rank {rank})")
                 log(f"all {world} ranks hold identical weights")
             log(f"done: {step} steps, checkpoint {out_dir / 'last.pt'}")
+        if writer is not None:
+            writer.close()
+            writer = None
+        if world > 1:  # leave together: a rank tearing gloo down while another still talks to it can abort
+            dist.barrier()
     finally:
         if writer is not None:
             writer.close()

@@ -379,3 +379,13 @@ def test_config_yaml_sets_and_comments_every_field():
     for line in text.splitlines():
         if line.startswith("  ") and ":" in line:
             assert "#" in line, f"config.yaml line without a comment: {line!r}"
+
+
+def test_run_folder_config_matches_checkpoint(tiny_run):
+    """The run folder's config.yaml is the resolved config the checkpoint holds, with the scale
+    factor the autoencoder stage measured (not the 1.0 placeholder of config.yaml)."""
+    import yaml
+    saved = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    ck = torch.load(tiny_run / "last.pt", map_location="cpu", weights_only=True)
+    assert saved == ck["config"]
+    assert saved["autoencoder"]["scale_factor"] != 1.0
