@@ -430,6 +430,12 @@ def subsample_mask(seg_mask: torch.Tensor, H: int) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # the UNet
 
+def original_key_to_ours(key: str) -> str:
+    """The original's layout-UNet parameter names -> ours (two modules have a shorter path here)."""
+    return key.replace("cls_embedder.class_embedder.", "cls_embedder.").replace(
+        ".attention.to_prompt_token.", ".to_prompt_token.")
+
+
 class LayoutUNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -636,8 +642,7 @@ class LayoutUNet(nn.Module):
             if key.endswith(".attention.class_embedder.class_embedder.weight"):
                 aliases.append((key, value))
                 continue
-            name = key.replace("cls_embedder.class_embedder.", "cls_embedder.").replace(
-                ".attention.to_prompt_token.", ".to_prompt_token.")
+            name = original_key_to_ours(key)
             if name not in own:
                 unexpected.append(key)
                 continue

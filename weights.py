@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from config import UserError
-from model import LayoutAttention, LayoutUNet
+from model import LayoutAttention, LayoutUNet, original_key_to_ours
 
 FOUNDATION_PREFIXES = {"unet": "model.diffusion_model.", "autoencoder": "first_stage_model.", "text": "cond_stage_model."}
 RELEASED_PREFIXES = {"unet": "denoise_fn.", "autoencoder": "vqvae_fn.", "text": "text_fn."}
@@ -179,11 +179,6 @@ def foundation_slots(unet: LayoutUNet) -> dict[str, str]:
     return slots
 
 
-def _our_name(key: str) -> str:
-    """The original's layout-UNet names -> ours (the same renames as LayoutUNet.load_original_state_dict)."""
-    return key.replace("cls_embedder.class_embedder.", "cls_embedder.").replace(".attention.to_prompt_token.", ".to_prompt_token.")
-
-
 def foundation_to_layout_unet(unet: LayoutUNet, foundation_sd: dict) -> LoadReport:
     """Load a foundation UNet state dict (original names; SD1.x 1x1-conv or SD2.x Linear proj_in/out)
     into a layout UNet. Layers after a layout block move one slot (foundation_slots); what only
@@ -195,7 +190,7 @@ def foundation_to_layout_unet(unet: LayoutUNet, foundation_sd: dict) -> LoadRepo
     own = unet.state_dict()
     layout = set(unet.layout_parameter_names())
     aliases = {k: v for k, v in foundation_sd.items() if k.endswith(CLASS_TABLE_ALIAS)}
-    names = {k: _our_name(k) for k in foundation_sd if k not in aliases}
+    names = {k: original_key_to_ours(k) for k in foundation_sd if k not in aliases}
     is_layout_file = any(name in layout for name in names.values())
     slots = {} if is_layout_file else foundation_slots(unet)
     report, out = LoadReport(), {}

@@ -9,7 +9,7 @@ import torch
 from config import UserError
 from conftest import cli_env
 from diffusion import Diffusion, DiffusionConfig
-from model import LayoutAttention, LayoutUNet, ModelConfig
+from model import LayoutAttention, LayoutUNet, ModelConfig, original_key_to_ours
 from vqvae import AutoencoderKL, VQModel
 import weights
 from weights import (SCHEDULE_KEYS, foundation_to_layout_unet, load_foundation, read_state_dict,
@@ -31,7 +31,7 @@ def meta_state_dict(entries) -> dict:
 
 
 def ours(name: str) -> str:
-    return weights._our_name(name)
+    return original_key_to_ours(name)
 
 
 # -----------------------------------------------------------------------------
