@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import LayoutAttention, LayoutUNet, ModelConfig, box_regions, box_windows, layout_raster
+from model import (LayoutAttention, LayoutPrompt, LayoutUNet, ModelConfig, box_coord_features, box_regions, box_windows,
+                   layout_raster)
 
 ATOL = RTOL = 1e-4  # the parity README's tolerance for single forwards
 
@@ -102,9 +103,9 @@ def test_original_alias_keys_and_shapes_load(parity_dir):
 
 def tiny_unet(attn_type="layout_partial_v2", **kw):
     torch.manual_seed(0)
+    kw = dict(dict(layout_resolutions=[1, 2]), **kw)
     cfg = ModelConfig(model_channels=32, channel_mult=[1, 2], attention_type="transformer", context_dim=16,
-                      num_heads=2, layout_resolutions=[1, 2], layout_attn_type=attn_type, num_classes=6,
-                      class_embed_dim=8, **kw)
+                      num_heads=2, layout_attn_type=attn_type, num_classes=6, class_embed_dim=8, **kw)
     unet = LayoutUNet(cfg).eval()
     for p in unet.parameters():  # no zero-initialised branches: every path must contribute
         p.data.normal_(0, 0.2)
@@ -128,10 +129,14 @@ def random_layouts(B, N, gen):
 @pytest.mark.parametrize("attn_type,impl,coords", [("layout_partial_v2", "window", False),
                                                   ("layout_partial_v2", "masked", False),
                                                   ("layout_partial_v2", "window", True),  # + layout_residual
-                                                  ("layout_partial_v1", "window", False), ("layout", "window", False)])
+                                                  ("layout_partial_v1", "window", False), ("layout", "window", False),
+                                                  ("prompts", "window", True)])  # the shapes default's layout
 @torch.no_grad()
 def test_batched_layouts_equal_single_image_calls(attn_type, impl, coords):
-    unet = tiny_unet(attn_type, layout_attn_impl=impl, box_coords=coords, layout_residual=coords)
+    if attn_type == "prompts":  # layout attention at 8x8, prompts only (LayoutPrompt) at 16x16
+        unet = tiny_unet(layout_resolutions=[2], prompt_resolutions=[1], box_coords=True, layout_residual=True)
+    else:
+        unet = tiny_unet(attn_type, layout_attn_impl=impl, box_coords=coords, layout_residual=coords)
     gen = torch.Generator().manual_seed(1)
     B, N = 5, 6
     x, t = torch.randn(B, 4, 16, 16, generator=gen), torch.randint(0, 1000, (B,), generator=gen)
@@ -142,6 +147,37 @@ def test_batched_layouts_equal_single_image_calls(attn_type, impl, coords):
         n = int(box_mask[i].sum())  # one image, only its real boxes, no padding: the original's call
         one = unet(x[i:i + 1], t[i:i + 1], text[i:i + 1], boxes[i:i + 1, :n], labels[i:i + 1, :n])
         torch.testing.assert_close(eps[i:i + 1], one, atol=1e-5, rtol=1e-5)
+
+
+def test_box_coords_are_exact_inside_the_box():
+    """box_coord_features: the cell centre's position in the EXACT box, not in its whole-cell cover:
+    two boxes covering the same cells but shifted by half a cell get different features."""
+    H = W = 4
+    boxes = torch.tensor([[[0.25, 0.25, 0.5, 0.5]], [[0.30, 0.25, 0.45, 0.5]]])  # same cells: cols 1..2 (2 at 0.30+0.45)
+    region = box_regions(boxes, torch.ones(2, 1, dtype=torch.bool), H, W)
+    assert torch.equal(region[0], region[1])
+    f = box_coord_features(boxes, region, H, W).view(2, H, W, 8)
+    # row 1 of box 0: v = (1.5/4 - 0.25) / 0.5 = 0.25; column 2: u = (2.5/4 - 0.25) / 0.5 = 0.75
+    k = torch.tensor([1.0, 2.0]) * torch.pi
+    expect = torch.cat([torch.sin(0.25 * k), torch.cos(0.25 * k), torch.sin(0.75 * k), torch.cos(0.75 * k)])
+    torch.testing.assert_close(f[0, 1, 2], expect)
+    u = (2.5 / 4 - 0.30) / 0.45  # box 1, same cell
+    torch.testing.assert_close(f[1, 1, 2, 4:], torch.cat([torch.sin(u * k), torch.cos(u * k)]))
+    assert f[0, 0].abs().sum() == 0  # uncovered cells: zeros
+
+
+def test_prompt_blocks_start_as_identity_and_are_layout_parameters():
+    cfg = ModelConfig(model_channels=32, channel_mult=[1, 2], layout_resolutions=[2], prompt_resolutions=[1],
+                      num_classes=6, class_embed_dim=8, box_coords=True)
+    unet = LayoutUNet(cfg)
+    assert sum(isinstance(m, LayoutPrompt) for m in unet.modules()) == 3  # the 16x16 blocks: 1 down, 2 up
+    names = unet.layout_parameter_names()
+    assert any(".proj.weight" in n for n in names) and "box_coord_proj.weight" in names
+    with torch.no_grad():  # zero-initialised: at the start the layout changes nothing at 16x16...
+        x = torch.randn(1, 32, 16, 16)
+        block = next(m for m in unet.modules() if isinstance(m, LayoutPrompt))
+        raster = torch.randn(1, 256, 8)
+        assert torch.equal(block(x, {"raster": raster}), x)
 
 
 def loop_layout_attention(block, x, boxes, labels, table):
