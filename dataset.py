@@ -1,12 +1,17 @@
 """
-Data for LayoutDiffuse: the generated "shapes" dataset and layout files.
+Data for LayoutDiffuse: the generated "shapes" dataset, the dataset a config asks for, and layout files.
 
-Two things live here:
+What lives here:
 1) ShapesDataset, the default training data. Each 64x64 image holds 1-5 coloured circles,
    squares and triangles on a smooth grey background; 12 classes "<colour> <shape>". It is
    generated on the fly (nothing to download) and item i is a pure function of
    (seed, split, i), so every worker, rank and rerun sees the same images.
-2) Layout files, the way a user asks sample.py for an image: JSON in the schema below, or the
+2) DataConfig and build_dataset: the `data:` section of config.yaml picks shapes or a real
+   dataset: COCO-stuff, any COCO-format set, a folder of images with layout files, Visual Genome,
+   CelebAMask-HQ (their loaders and cached indexes live in real_datasets.py). make_item turns any
+   image and its boxes into a training item: every real loader goes through it, and so can users
+   who bring their own torch Dataset.
+3) Layout files, the way a user asks sample.py for an image: JSON in the schema below, or the
    original repo's text format with one "x, y, w, h, class name" line per object.
 
 Layout conventions (shared with model.py, train.py, sample.py):
@@ -17,22 +22,27 @@ Layout conventions (shared with model.py, train.py, sample.py):
 - images are float tensors (3, H, W) in [-1, 1].
 
 Run `python dataset.py` to write a preview grid (shapes_preview.png) of shapes images with their
-boxes drawn, and `python dataset.py --check my_layouts.json` to validate a layout file.
+boxes drawn, `python dataset.py --check my_layouts.json` to validate a layout file,
+`python dataset.py --write-folder DIR --n 200` to write a data.name=folder dataset of shapes, and
+`python dataset.py --preview --data.name=coco --data.root=COCO` to draw items of any dataset.
 """
 import argparse
 import colorsys
 import difflib
 import json
 import math
+import sys
 import time
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
+
+from config import UserError
 
 # -----------------------------------------------------------------------------
 # the shapes dataset
@@ -201,27 +211,133 @@ def layouts_to_tensors(layouts: list[dict], max_objects: int) -> tuple[torch.Ten
             boxes[b, n], labels[b, n], box_mask[b, n] = torch.tensor(box), label, True
     return boxes, labels, box_mask
 
+
+def write_folder(out_dir: str | Path, n: int, seed: int = 0, image_size: int = 64) -> None:
+    """Write n shapes images with their layout files into out_dir (00000.png + 00000.json, ...):
+    a data.name=folder dataset to try the custom-data path with."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ds = ShapesDataset("train", length=n, image_size=image_size, seed=seed)
+    for i in range(n):
+        rng = ds._rng(i)  # the draws of ds[i]: layout, then background
+        layout = make_shapes_layout(rng, ds.min_objects, ds.max_objects_drawn)
+        render_shapes(layout, image_size, rng).save(out_dir / f"{i:05d}.png")
+        objects = [{"label": SHAPES_CLASSES[label], "bbox": [round(v, 6) for v in box]} for label, box in layout["objects"]]
+        (out_dir / f"{i:05d}.json").write_text(json.dumps({"caption": layout["caption"], "objects": objects}) + "\n")
+
 # -----------------------------------------------------------------------------
 # the training data a config asks for
+
+DATASETS = ("shapes", "coco", "coco_format", "folder", "vg", "celebamask")
+CAPTION_MODES = ("auto", "text", "labels", "text+labels", "none")
+# data.caption=auto: what the original feeds its text encoder for each dataset (coco: one COCO caption,
+# then the label names, its SD setups' "caption_label" data; vg has no captions: the label names), and
+# for user data the file's own caption. celebamask has no text at all.
+AUTO_CAPTION = {"coco": "text+labels", "coco_format": "text+labels", "vg": "labels", "folder": "text",
+                "celebamask": "none"}
+# data.max_objects_per_image=0: the protocol's limit (coco: LostGAN's 3..8 objects; vg: sg2im's 3..30)
+PROTOCOL_MAX_OBJECTS = {"coco": 8, "coco_format": 8, "vg": 30}
 
 
 @dataclass
 class DataConfig:
-    name: str = "shapes"      # shapes (generated); real datasets come with their own loaders
-    root: str = ""            # dataset folder (unused by shapes)
+    name: str = "shapes"      # one of DATASETS; see build_dataset
+    root: str = ""            # dataset folder (unused by shapes); "{split}" is replaced by train/val
     image_size: int = 64
-    train_length: int = 20_000
-    val_length: int = 1_000
-    seed: int = 0
+    train_length: int = 20_000  # shapes only
+    val_length: int = 1_000     # shapes only
+    seed: int = 0               # shapes only
+    caption: str = "auto"     # one of CAPTION_MODES (make_item's caption_mode; auto: AUTO_CAPTION)
+    augment: bool = True      # training split only: the original's random crop + flip (celebamask: flip; vg: none)
+    max_items: int = 0        # > 0: only the first max_items images of each split (the original's data_len)
+    # image filters of the box datasets (coco, coco_format, vg), applied to the objects left after the
+    # object filters: keep images with min_objects..max_objects_per_image objects
+    min_objects: int = 3
+    max_objects_per_image: int = 0        # 0: PROTOCOL_MAX_OBJECTS
+    train_max_objects_per_image: int = 0  # > 0: the training split's limit (the original trains COCO with 100)
+    min_box_area: float = 0.02  # coco, coco_format: a box must cover more than this fraction of the image
+    coco_stuff: bool = True     # coco: add the stuff boxes (and keep only images that have stuff annotations)
+    ann_file: str = ""          # coco_format: instances JSON ("{split}" replaced)
+    stuff_file: str = ""        # coco_format: optional second COCO JSON with more boxes (stuff)
+    caption_file: str = ""      # coco_format: optional COCO captions JSON
+    vg_min_object_instances: int = 2000  # vg: vocabulary = names with this many training instances (sg2im)
+    vg_min_object_size: int = 32         # vg: objects narrower or lower than this many pixels are dropped
+    vg_min_predicate_instances: int = 500  # vg: a relationship counts if its predicate has this many
+    vg_min_relationships: int = 1        # vg: images need this many relationships among their kept objects
+    cache_dir: str = ""       # coco, coco_format, vg: where the parsed index is kept ("" = beside the annotations)
+
+    def __post_init__(self):
+        for name, allowed in (("name", DATASETS), ("caption", CAPTION_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"data.{name}={getattr(self, name)!r}, expected one of {allowed}")
 
 
-def build_dataset(cfg: DataConfig, split: str, max_objects: int) -> Dataset:
-    """The dataset of a config section. Every dataset exposes `class_names` and yields the item dict
-    of ShapesDataset (image, boxes, labels, box_mask, caption)."""
+def build_dataset(cfg: DataConfig, split: str, max_objects: int, class_names: list[str] | None = None) -> Dataset:
+    """The dataset of a config section, for split "train" or "val". Every dataset exposes
+    `class_names` and yields the item dict of ShapesDataset (image, boxes, labels, box_mask, caption;
+    celebamask adds seg_mask). Only the training split is augmented (data.augment): val items are a
+    pure function of the index, so sample grids and scores compare across runs.
+
+    class_names: a label order to use instead of the dataset's own (a released checkpoint's, e.g.
+    presets/coco_stuff_classes.txt, the original's COCO category_id - 1 with unused_ID slots): labels
+    become indices into it; every class of the data must be in it, names it has beyond the data keep
+    their rows unused.
+
+    shapes       generated on the fly (ShapesDataset); data.root unused
+    coco         COCO-stuff 2017: ROOT/{train,val}2017/*.jpg, ROOT/annotations/instances_*2017.json,
+                 stuff_*2017.json (data.coco_stuff), captions_*2017.json (optional)
+    coco_format  any COCO detection set: images under ROOT, boxes in data.ann_file (+ data.stuff_file,
+                 data.caption_file)
+    folder       ROOT/NAME.png + ROOT/NAME.json layout files (ROOT/train and ROOT/val when present)
+    vg           Visual Genome: ROOT/{image_data,objects,relationships}.json, ROOT/vg_splits.json (sg2im),
+                 images under ROOT/images/VG_100K*/; optional object_alias.txt, relationship_alias.txt,
+                 vocab.json (sg2im's)
+    celebamask   CelebAMask-HQ: ROOT/CelebA-HQ-img/K.jpg, ROOT/CelebAMaskHQ-mask/K.png, ROOT/{train,val}.txt
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}, expected one of {list(SPLITS)}")
     if cfg.name == "shapes":
         length = cfg.train_length if split == "train" else cfg.val_length
         return ShapesDataset(split, length=length, image_size=cfg.image_size, seed=cfg.seed, max_objects=max_objects)
-    raise ValueError(f"data.name={cfg.name!r}: expected one of ['shapes']")
+    # late: real_datasets.py imports this file (make_item, DataConfig, the layout-file parser)
+    from real_datasets import CelebAMaskDataset, LayoutImageDataset, coco_index, folder_index, vg_index
+    root = Path(cfg.root.replace("{split}", split))
+    if not cfg.root or not root.is_dir():
+        raise UserError(f"data.root={cfg.root!r}: folder not found (data.name={cfg.name} reads its files from there)")
+    base = cfg.max_objects_per_image or PROTOCOL_MAX_OBJECTS.get(cfg.name, 0)
+    limits = {"train": cfg.train_max_objects_per_image or base, "val": base}  # objects per image, per split
+    common = dict(split=split, image_size=cfg.image_size, max_objects=max_objects,
+                  augment=cfg.augment and split == "train" and cfg.name != "vg",  # vg.py resizes only
+                  caption_mode=AUTO_CAPTION[cfg.name] if cfg.caption == "auto" else cfg.caption)
+    filters = dict(min_box_area=cfg.min_box_area, min_objects=cfg.min_objects, max_objects=limits[split])
+
+    def path(p: str) -> Path | None:
+        return Path(p.replace("{split}", split)) if p else None
+
+    if cfg.name == "coco":
+        ann = root / "annotations"
+        captions = ann / f"captions_{split}2017.json"
+        index = coco_index(ann / f"instances_{split}2017.json", ann / f"stuff_{split}2017.json" if cfg.coco_stuff else None,
+                           captions if captions.is_file() else None, drop_other=True, cache_dir=cfg.cache_dir, **filters)
+        dataset = LayoutImageDataset(root / f"{split}2017", index, **common)
+    elif cfg.name == "coco_format":
+        if not cfg.ann_file:
+            raise UserError("data.ann_file: data.name=coco_format needs the instances JSON of its boxes")
+        index = coco_index(path(cfg.ann_file), path(cfg.stuff_file), path(cfg.caption_file), drop_other=False,
+                           cache_dir=cfg.cache_dir, **filters)
+        dataset = LayoutImageDataset(root, index, **common)
+    elif cfg.name == "folder":
+        folder = root / split if (root / split).is_dir() else root
+        dataset = LayoutImageDataset(folder, folder_index(folder, max_objects), **common)
+    elif cfg.name == "vg":
+        dataset = LayoutImageDataset(root / "images", vg_index(root, cfg, limits, split), **common)
+    else:  # celebamask
+        dataset = CelebAMaskDataset(root, **common)
+    if cfg.max_items > 0:
+        dataset.records = dataset.records[:cfg.max_items]
+    if class_names is not None:
+        dataset.relabel(list(class_names))
+    return dataset
 
 
 # -----------------------------------------------------------------------------
@@ -235,7 +351,7 @@ def build_dataset(cfg: DataConfig, split: str, max_objects: int) -> Dataset:
 # caption/objects/label/bbox are ignored, so a training folder can add e.g. "image": "0001.png".
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A layout file that cannot be used; the message names the file, layout, object and field."""
 
 
@@ -380,6 +496,138 @@ def save_layouts(path: str | Path, layouts: list[dict], class_names: list[str]) 
     Path(path).write_text("[\n" + ",\n".join(entries) + "\n]\n", encoding="utf-8")
 
 # -----------------------------------------------------------------------------
+# one item dict from any image and its boxes (make_item): the real datasets of real_datasets.py
+# and users' own torch Datasets all go through it
+
+# the original's RandomResizedCrop (albumentations, coco_w_stuff.py): 80-110% of the image area,
+# aspect ratio 0.95-1.05, so mostly a near-square crop that keeps nearly all of the picture
+CROP_SCALE, CROP_RATIO = (0.8, 1.1), (0.95, 1.05)
+
+
+def _random_resized_crop(W: int, H: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """Pixel crop (x, y, w, h) of a W x H image: torchvision's / albumentations' RandomResizedCrop
+    with CROP_SCALE and CROP_RATIO. Ten tries at a random area and aspect; when none fits (a 4:3
+    COCO image cannot hold a near-square crop of 80% of its area) the centred crop of the nearest
+    allowed aspect ratio."""
+    area = W * H
+    for _ in range(10):
+        target = area * rng.uniform(*CROP_SCALE)
+        aspect = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= W and 0 < h <= H:
+            return int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1)), w, h
+    if W / H < CROP_RATIO[0]:
+        w, h = W, int(round(W / CROP_RATIO[0]))
+    elif W / H > CROP_RATIO[1]:
+        w, h = int(round(H * CROP_RATIO[1])), H
+    else:
+        w, h = W, H
+    return (W - w) // 2, (H - h) // 2, w, h
+
+
+def _item_rng() -> np.random.Generator:
+    # one draw from torch's global generator per item: DataLoader workers each get their own torch
+    # seed (from the loader's generator), so augmentation differs across workers and follows train.seed
+    return np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+
+
+def make_item(image: Image.Image, objects: Sequence, class_names: Sequence[str] | None = None,
+              caption: str | None = None, *, image_size: int = 64, max_objects: int = 8, pixels: bool = False,
+              caption_mode: str = "text", crop: bool = False, flip: bool = False,
+              rng: np.random.Generator | None = None, seg_mask=None, flip_labels: torch.Tensor | None = None) -> dict:
+    """Turn an image and its boxes, from any source, into the item dict the training loop consumes:
+    image (3, S, S) in [-1, 1], boxes (max_objects, 4) float32 x, y, w, h fractions, labels
+    (max_objects,) int64, box_mask (max_objects,) bool, caption str (+ seg_mask (S, S) int64 when
+    given). This is the place the original asks users to override process_batch; every loader here
+    goes through it.
+
+    objects: (label, box) pairs; label a class index or a name in class_names, box (x, y, w, h)
+    as fractions of the image, or in pixels with pixels=True (COCO's bbox). Boxes are clipped to
+    the image; one with nothing left inside is dropped; beyond max_objects the largest are kept.
+    Without crop/flip the whole image is resized to S x S (aspect not kept, as the LostGAN/sg2im
+    evaluations do), so boxes keep their fractions exactly. crop: the original's random resized crop;
+    flip: a horizontal flip with probability 1/2; boxes follow both. rng (numpy) draws them; None
+    draws a seed from torch's global generator. seg_mask: a class-index image (PIL or (h, w) array,
+    255 = ignore) transformed with the image (nearest neighbour); flip_labels: a (256,) table
+    applied to it when flipped (left eye <-> right eye).
+
+    caption_mode: "text" (caption, "" when None), "labels" (the kept class names, each once, joined
+    by ","), "text+labels" (the original's COCO captions: caption, then the names), "none" ("").
+
+    Example, a torchvision COCO detection set (pycocotools) as training data:
+
+        coco = torchvision.datasets.CocoDetection("val2017", "annotations/instances_val2017.json")
+        ids = sorted(coco.coco.cats)                              # contiguous labels 0..K-1
+        names = [coco.coco.cats[i]["name"] for i in ids]
+
+        class Wrapped(torch.utils.data.Dataset):
+            class_names = names                                   # train.py stores these
+            def __len__(self):
+                return len(coco)
+            def __getitem__(self, i):
+                image, anns = coco[i]                             # PIL image, list of dicts
+                objects = [(ids.index(a["category_id"]), a["bbox"]) for a in anns if not a["iscrowd"]]
+                return make_item(image, objects, names, image_size=256, max_objects=8, pixels=True,
+                                 caption_mode="labels", crop=True, flip=True)
+    """
+    image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    W, H = image.size
+    index = {name: k for k, name in enumerate(class_names)} if class_names is not None else {}
+    boxes = []  # (label, x0, y0, x1, y1) as fractions of the whole image
+    for label, box in objects:
+        if isinstance(label, str):
+            if label not in index:
+                raise ValueError(f"make_item: label {label!r} is not in class_names")
+            label = index[label]
+        label = int(label)
+        if class_names is not None and not 0 <= label < len(class_names):
+            raise ValueError(f"make_item: label {label} outside 0..{len(class_names) - 1}")
+        x, y, w, h = (float(v) for v in box)
+        if pixels:
+            x, y, w, h = x / W, y / H, w / W, h / H
+        boxes.append((label, x, y, x + w, y + h))
+    if (crop or flip) and rng is None:
+        rng = _item_rng()
+    cx, cy, cw, ch = _random_resized_crop(W, H, rng) if crop else (0, 0, W, H)
+    mirror = flip and rng.random() < 0.5
+    out = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR, box=(cx, cy, cx + cw, cy + ch))
+    if mirror:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    kept = []
+    for label, x0, y0, x1, y1 in boxes:
+        if crop:  # into the crop's frame
+            x0, x1 = (x0 * W - cx) / cw, (x1 * W - cx) / cw
+            y0, y1 = (y0 * H - cy) / ch, (y1 * H - cy) / ch
+        x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, 1.0), min(y1, 1.0)  # the visible part
+        if x1 <= x0 or y1 <= y0:
+            continue  # nothing left in view (albumentations drops these boxes too)
+        if mirror:
+            x0, x1 = 1.0 - x1, 1.0 - x0
+        kept.append((label, (x0, y0, x1 - x0, y1 - y0)))
+    if len(kept) > max_objects:  # the padded N cannot hold more: keep the largest, in their order
+        largest = sorted(range(len(kept)), key=lambda k: -kept[k][1][2] * kept[k][1][3])[:max_objects]
+        kept = [kept[k] for k in sorted(largest)]
+    names = list(dict.fromkeys(class_names[label] for label, _ in kept)) if class_names is not None else []
+    text = (caption or "").strip()
+    captions = {"text": text, "labels": ",".join(names), "none": "",
+                "text+labels": ",".join(([text] if text else []) + names)}  # coco_w_stuff.py: ','.join([caption] + labels)
+    if caption_mode not in captions:
+        raise ValueError(f"make_item: caption_mode={caption_mode!r}, expected one of {list(captions)}")
+    b, l, m = layouts_to_tensors([{"objects": kept}], max_objects)
+    item = dict(image=pil_to_tensor(out), boxes=b[0], labels=l[0], box_mask=m[0], caption=captions[caption_mode])
+    if seg_mask is not None:
+        mask = seg_mask if isinstance(seg_mask, Image.Image) else Image.fromarray(np.asarray(seg_mask, dtype=np.uint8))
+        sx, sy = mask.width / W, mask.height / H  # masks may be stored smaller (CelebAMask-HQ: 512 vs 1024)
+        mask = mask.resize((image_size, image_size), Image.NEAREST, box=(cx * sx, cy * sy, (cx + cw) * sx, (cy + ch) * sy))
+        seg = torch.from_numpy(np.array(mask, dtype=np.int64))  # (S, S)
+        if mirror:
+            seg = seg.flip(-1)
+            if flip_labels is not None:
+                seg = flip_labels[seg]
+        item["seg_mask"] = seg
+    return item
+
+# -----------------------------------------------------------------------------
 # drawing layouts over images (sample.py, the training sample grid)
 
 
@@ -417,29 +665,54 @@ def draw_layout(image: Image.Image, boxes: torch.Tensor | np.ndarray, labels: to
 # -----------------------------------------------------------------------------
 
 
-def main(args: argparse.Namespace) -> None:
-    """Validate a layout file (--check), or write a preview grid of the shapes dataset."""
+def main(args: argparse.Namespace, overrides: list[str] = ()) -> None:
+    """Validate a layout file (--check), write a folder dataset (--write-folder), or write a preview
+    grid: of the shapes dataset, or with --preview of the data a config names (e.g.
+    --data.name=folder --data.root=DIR), printing its size, classes and unreadable files."""
     if args.check:
         layouts = load_layouts(args.check, SHAPES_CLASSES, max_objects=8)
         print(f"{args.check}: {len(layouts)} valid layout(s), {sum(len(l['objects']) for l in layouts)} objects")
         return
+    if args.write_folder:
+        write_folder(args.write_folder, args.n, seed=args.seed)
+        print(f"wrote {args.n} images with their layout files to {args.write_folder}")
+        return
     from torchvision.utils import make_grid  # only the preview needs torchvision
-    ds = ShapesDataset("train", length=args.n, seed=args.seed)
+    if args.preview:
+        from train import load_config  # late: train.py imports this file
+        cfg = load_config(preset=args.preset, overrides=list(overrides))
+        ds = build_dataset(cfg["data"], args.split, cfg["model"].max_objects)
+        print(f"data.name={cfg['data'].name}: {len(ds)} {args.split} items, {len(ds.class_names)} classes "
+              f"(set model.num_classes={len(ds.class_names)}), e.g. {', '.join(ds.class_names[:5])}")
+    elif overrides:
+        raise UserError(f"unrecognised arguments {' '.join(overrides)} (config overrides need --preview)")
+    else:
+        ds = ShapesDataset("train", length=args.n, seed=args.seed)
     t0 = time.time()
-    items = [ds[i] for i in range(args.n)]
-    ms = (time.time() - t0) * 1000 / args.n
+    items = [ds[i] for i in range(min(args.n, len(ds)))]
+    ms = (time.time() - t0) * 1000 / max(1, len(items))
     # the same drawing the training sample grid uses, so this is also a check of draw_layout
-    drawn = [draw_layout(tensor_to_pil(it["image"]), it["boxes"], it["labels"], it["box_mask"], SHAPES_CLASSES)
+    drawn = [draw_layout(tensor_to_pil(it["image"]), it["boxes"], it["labels"], it["box_mask"], ds.class_names)
              for it in items]
-    grid = make_grid(torch.stack([pil_to_tensor(d) for d in drawn]), nrow=math.ceil(args.n ** 0.5), pad_value=1.0)
+    grid = make_grid(torch.stack([pil_to_tensor(d) for d in drawn]), nrow=math.ceil(len(items) ** 0.5), pad_value=1.0)
     tensor_to_pil(grid).save(args.out)
-    print(f"wrote {args.out} ({args.n} train images, {ms:.2f} ms per image)")
+    skipped = f", {ds.skipped} unreadable files skipped" if getattr(ds, "skipped", 0) else ""
+    print(f"wrote {args.out} ({len(items)} {args.split if args.preview else 'train'} images, {ms:.2f} ms per image{skipped})")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--check", type=str, default=None, help="validate a layout file against the shapes classes")
+    parser.add_argument("--write-folder", type=str, default=None, help="write --n shapes images + layout JSONs here")
+    parser.add_argument("--preview", action="store_true", help="preview the data of config.yaml + --preset + --data.KEY=VALUE")
+    parser.add_argument("--preset", type=str, default=None)
+    parser.add_argument("--split", type=str, default="train", choices=list(SPLITS))
     parser.add_argument("--out", type=str, default="shapes_preview.png")
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    main(parser.parse_args())
+    args, rest = parser.parse_known_args()
+    try:
+        main(args, rest)
+    except UserError as e:  # one line and exit code 2, as train.py
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
