@@ -1,12 +1,20 @@
-"""Tests of evaluate.py: the shapes layout-fidelity scorer. Run: pytest tests/test_evaluate.py"""
+"""Tests of evaluate.py and inception.py: the shapes layout-fidelity scorer, FID against pytorch-fid
+(random Inception weights, nothing downloaded) and layout AP through pycocotools on hand-made cases
+with known values. Run: pytest tests/test_evaluate.py"""
 import json
+import sys
 
 import numpy as np
 import pytest
-from PIL import ImageDraw, ImageFilter
+import torch
+from PIL import Image, ImageDraw, ImageFilter
 
-from dataset import COLOURS, SHAPES_CLASSES, ShapesDataset, box_to_pixels, load_layouts, render_shapes
-from evaluate import classify_box, heldout_layouts, parse_args, score_layouts
+import evaluate
+from config import UserError
+from dataset import COLOURS, SHAPES_CLASSES, ShapesDataset, box_to_pixels, load_layouts, render_shapes, save_layouts
+from evaluate import (classify_box, cli, fid_statistics, frechet_distance, heldout_layouts, layout_ap, list_images,
+                      parse_args, score_layouts)
+from inception import FIDInception, load_fid_inception
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +106,7 @@ def test_cli_heldout_then_shapes_scores_ground_truth(tmp_path):
     assert json.loads((tmp_path / "s.json").read_text()) == scores
     # a missing sample image is an error that names it
     (gt / "0007.png").unlink()
-    with pytest.raises(SystemExit, match="0007.png"):
+    with pytest.raises(UserError, match="0007.png"):
         args.func(args)
 
 
@@ -108,3 +116,269 @@ def test_score_accepts_pil_and_array_of_other_sizes():
     assert score_layouts([image], [layout])["box_accuracy"] == 1.0
     assert score_layouts([np.asarray(image)], [layout])["box_accuracy"] == 1.0
     assert np.isnan(score_layouts([image], [{"caption": None, "objects": []}])["box_accuracy"])
+
+# -----------------------------------------------------------------------------
+# FID against pytorch-fid (test-only dependency, requirements-test.txt)
+
+
+def _pytorch_fid():
+    return pytest.importorskip("pytorch_fid.inception", reason="pytorch-fid not installed (requirements-test.txt)")
+
+
+def _random_fid_state(seed: int) -> dict:
+    """A random state dict with our keys, every tensor (batch-norm statistics too) randomised
+    with scales that keep activations O(1) through the ~50 layers."""
+    g = torch.Generator().manual_seed(seed)
+    state = FIDInception().state_dict()
+    for name, v in state.items():
+        if not v.dtype.is_floating_point:
+            continue  # num_batches_tracked
+        if name.endswith(("running_var", "bn.weight")):
+            v.copy_(torch.rand(v.shape, generator=g) + 0.5)
+        elif name.endswith(("running_mean", "bias")):
+            v.copy_(0.1 * torch.randn(v.shape, generator=g))
+        else:  # He-scaled conv and fc weights
+            v.copy_(torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5)
+    return state
+
+
+@pytest.fixture(scope="module")
+def fid_reference(tmp_path_factory):
+    """pytorch-fid's FID Inception with random weights, and the same weights as a .pth file.
+
+    pytorch-fid builds torchvision's Inception3, swaps in its FIDInception blocks and strictly
+    loads the state dict it downloads; the download is patched to hand it our random state dict,
+    so its own strict load checks our key names and shapes against its model."""
+    pfi = _pytorch_fid()
+    state = _random_fid_state(0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pfi, "load_state_dict_from_url", lambda *args, **kwargs: {k: v.clone() for k, v in state.items()})
+        inception3 = pfi.fid_inception_v3()  # the module whose state dict is pt_inception-2015-12-05's
+        reference = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    path = tmp_path_factory.mktemp("fid") / "pt_inception-random.pth"
+    torch.save(inception3.state_dict(), path)
+    return reference, path
+
+
+def test_fid_inception_key_names_are_pytorch_fids(fid_reference):
+    _, path = fid_reference
+    # the file holds exactly the keys of pytorch-fid's FID Inception (the names of the real
+    # pt_inception-2015-12-05 file, which pytorch-fid loads strictly), in the same order
+    assert list(torch.load(path, weights_only=True)) == list(FIDInception().state_dict())
+
+
+def test_fid_inception_features_match_pytorch_fid(fid_reference):
+    reference, path = fid_reference
+    ours = load_fid_inception(path)
+    x = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(1))  # resized to 299x299 by both
+    with torch.no_grad():
+        expected = reference(x)[0].flatten(1)  # (2, 2048)
+        got = ours(x)
+    assert got.shape == (2, 2048) and expected.std() > 0.1  # features far from degenerate
+    # measured: bit-identical on CPU (the same ops in the same order); 1e-4 leaves room for other kernels
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_fid_inception_loader_checks_keys(fid_reference, tmp_path):
+    _, path = fid_reference
+    state = torch.load(path, weights_only=True)
+    # files saved by older torch lack the batch-norm counters: accepted
+    old = tmp_path / "old.pth"
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, old)
+    model = load_fid_inception(old)
+    assert torch.equal(model.fc.weight, state["fc.weight"]) and model.Mixed_5b.branch1x1.bn.num_batches_tracked == 0
+    # the first bad key is named; only the missing-key case needs a full file
+    cases = {"missing key 'Mixed_7c.branch_pool.conv.weight'":
+             {k: v for k, v in state.items() if k != "Mixed_7c.branch_pool.conv.weight"},
+             "unexpected key 'AuxLogits.fc.weight'": {"AuxLogits.fc.weight": torch.zeros(1000, 768)},
+             "key 'fc.weight' is \\(1000, 2048\\), expected shape \\(1008, 2048\\)":
+             {"fc.weight": torch.zeros(1000, 2048)}}
+    for message, bad in cases.items():
+        torch.save(bad, tmp_path / "bad.pth")
+        with pytest.raises(UserError, match=f"bad.pth: {message}"):
+            load_fid_inception(tmp_path / "bad.pth")
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(UserError, match="junk.pth: not a PyTorch weights file"):
+        load_fid_inception(tmp_path / "junk.pth")
+
+
+def test_frechet_distance_matches_pytorch_fid():
+    fid_score = pytest.importorskip("pytorch_fid.fid_score", reason="pytorch-fid not installed (requirements-test.txt)")
+    rng = np.random.default_rng(0)
+    d = 256  # scipy's sqrtm takes ~30 s at 2048 dimensions on one core
+    for n in (1000, 100):  # full-rank covariances, then singular ones (fewer samples than dimensions)
+        X = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) * 0.3
+        Y = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) * 0.3 + 0.1
+        stats = X.mean(0), np.cov(X, rowvar=False), Y.mean(0), np.cov(Y, rowvar=False)
+        # measured relative differences: 2e-14 (n=1000) and 2e-8 (n=100, where scipy's sqrtm of a
+        # singular product is the less accurate of the two; see the exact case below)
+        assert frechet_distance(*stats) == pytest.approx(fid_score.calculate_frechet_distance(*stats), rel=1e-6)
+
+
+def test_frechet_distance_exact_on_commuting_singular_covariances():
+    # S1 = Q D1 Q^T and S2 = Q D2 Q^T commute, so tr (S1 S2)^(1/2) = sum sqrt(D1 D2) exactly;
+    # half the eigenvalues are zero, as with fewer images than feature dimensions
+    rng = np.random.default_rng(1)
+    d = 128
+    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    D1, D2 = rng.uniform(0, 3, d) * (np.arange(d) % 2), rng.uniform(0, 3, d) * (np.arange(d) % 3 > 0)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(D1) + np.sum(D2) - 2 * np.sum(np.sqrt(D1 * D2))
+    got = frechet_distance(mu1, (Q * D1) @ Q.T, mu2, (Q * D2) @ Q.T)
+    # measured: 8e-9 relative, as scipy's sqrtm in pytorch-fid (7e-9): a square root turns the
+    # ~1e-16 rounding left on the zero eigenvalues into ~1e-8 each
+    assert got == pytest.approx(expected, rel=1e-7)
+    S = (Q * D1) @ Q.T
+    assert abs(frechet_distance(mu1, S, mu1, S)) < 1e-7 * np.trace(S)  # a set against itself: 0 (measured 2e-8)
+
+
+def _write_images(folder, n, size, seed):
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+
+
+@pytest.mark.slow  # ~5 s on one core: 12 Inception passes at 299x299
+def test_fid_command_matches_pytorch_fid(fid_reference, tmp_path, capsys, monkeypatch):
+    fid_score = pytest.importorskip("pytorch_fid.fid_score", reason="pytorch-fid not installed (requirements-test.txt)")
+    reference, path = fid_reference
+    real, fake = tmp_path / "real", tmp_path / "fake"
+    _write_images(real, 3, (32, 32), 0)
+    _write_images(fake, 2, (48, 40), 1)
+    # a greyscale image is read as RGB; sample.py's box overlays and non-images are skipped
+    Image.new("L", (48, 40), 90).save(fake / "0002.png")
+    Image.new("RGB", (48, 40), (255, 0, 0)).save(fake / "0000_boxes.png")
+    (fake / "notes.txt").write_text("not an image")
+    assert [p.name for p in list_images(fake)] == ["0000.png", "0001.png", "0002.png"]
+    # pytorch-fid's pipeline: ToTensor of the RGB image, resize on the batch, its InceptionV3
+    expected = [fid_score.calculate_activation_statistics(list_images(folder), reference, batch_size=2, dims=2048,
+                                                          device="cpu", num_workers=0) for folder in (real, fake)]
+    got, distances = [], []  # what the command computes, caught on the way
+    monkeypatch.setattr(evaluate, "fid_statistics", lambda *a: got.append(fid_statistics(*a)) or got[-1])
+    # the distance itself is checked against pytorch-fid's above (at 256 dimensions: a 2048-d one
+    # takes ~5 s on a busy core); here only what goes in and comes out
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *a: distances.append(a) or 12.5)
+    out = tmp_path / "fid.json"
+    cli(["fid", "--real", str(real), "--fake", str(fake), "--inception", str(path), "--batch-size", "2",
+         "--device", "cpu", "--json", str(out)])
+    assert json.loads(out.read_text()) == {"fid": 12.5, "n_real": 3, "n_fake": 3}
+    assert "real: 3 images" in capsys.readouterr().out
+    assert len(distances) == 1 and all(a is b for a, b in zip(distances[0], got[0] + got[1], strict=True))
+    for (mu, sigma), (mu_ref, sigma_ref) in zip(got, expected, strict=True):
+        # measured: identical to pytorch-fid's (the same float32 ops in the same order)
+        np.testing.assert_allclose(mu, mu_ref, rtol=1e-5, atol=1e-5 * np.abs(mu_ref).max())
+        np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-5, atol=1e-5 * np.abs(sigma_ref).max())
+
+
+def test_fid_command_refuses_missing_and_tiny_folders(tmp_path, capsys):
+    _write_images(tmp_path / "one", 1, (16, 16), 0)
+    _write_images(tmp_path / "two", 2, (16, 16), 0)
+    for real, message in ((tmp_path / "nope", "nope: image folder not found"),
+                          (tmp_path / "one", "one: 1 images, FID needs at least 2")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli(["fid", "--real", str(real), "--fake", str(tmp_path / "two"), "--inception", "x.pth"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):  # a missing weights file, after both folders passed
+        cli(["fid", "--real", str(tmp_path / "two"), "--fake", str(tmp_path / "two"), "--inception", "x.pth"])
+    assert "x.pth: Inception weights not found" in capsys.readouterr().err
+
+# -----------------------------------------------------------------------------
+# layout AP through pycocotools, on cases whose AP is known exactly
+
+# two classes; boxes as fractions, scored on 100x100 images
+AP_LAYOUTS = [{"caption": None, "objects": [(0, (0.1, 0.1, 0.5, 0.5)), (1, (0.6, 0.6, 0.3, 0.3))]},
+              {"caption": None, "objects": [(0, (0.2, 0.3, 0.4, 0.4))]},
+              {"caption": None, "objects": [(1, (0.05, 0.05, 0.9, 0.5))]}]
+AP_CLASSES = ["cat", "dog"]
+
+
+def _gt_detections(layouts, shift=0.0):
+    """A detection per layout box, in pixels, moved right by `shift` of its width."""
+    return [dict(image_id=i, category_id=label, bbox=[100 * (x + shift * w), 100 * y, 100 * w, 100 * h], score=1.0)
+            for i, l in enumerate(layouts) for label, (x, y, w, h) in l["objects"]]
+
+
+def _ap(detections, layouts=AP_LAYOUTS, iou=0.5):
+    pytest.importorskip("pycocotools", reason="pycocotools not installed (requirements-test.txt)")
+    return layout_ap(layouts, detections, AP_CLASSES, 100, iou)
+
+
+def test_layout_ap_known_values():
+    perfect = _ap(_gt_detections(AP_LAYOUTS))
+    assert (perfect["AP"], perfect["AP50"], perfect["AP75"]) == (1.0, 1.0, 1.0)
+    assert (perfect["n_images"], perfect["n_boxes"], perfect["n_detections"]) == (3, 4, 4)
+    # shifted by a fifth of the width: IoU = 0.8 / 1.2 = 2/3, a hit at IoU 0.50-0.65 (4 of 10 thresholds)
+    shifted = _ap(_gt_detections(AP_LAYOUTS, shift=0.2), iou=0.6)
+    assert shifted["AP"] == pytest.approx(0.4, abs=1e-12) and shifted["AP50"] == 1.0 and shifted["AP75"] == 0.0
+    assert shifted["AP@0.6"] == 1.0 and _ap(_gt_detections(AP_LAYOUTS, shift=0.2), iou=0.7)["AP@0.7"] == 0.0
+    # one of the two cats found: precision 1 up to recall 0.5, i.e. 51 of COCO's 101 recall points
+    one_cat = [d for d in _gt_detections(AP_LAYOUTS) if not (d["category_id"] == 0 and d["image_id"] == 1)]
+    assert _ap(one_cat)["AP50"] == pytest.approx((51 / 101 + 1) / 2, abs=1e-12)
+    # wrong class: the dog of image 2 detected as a cat. Dog AP = 1/2 (recall stops at 1/2);
+    # cat AP = 1 while the wrong cat scores below the right ones (a false positive after full recall) ...
+    wrong = [d if d["image_id"] != 2 else {**d, "category_id": 0, "score": 0.5} for d in _gt_detections(AP_LAYOUTS)]
+    assert _ap(wrong)["AP"] == pytest.approx((1 + 51 / 101) / 2, abs=1e-12)
+    # ... and precision 2/3 at every recall when it scores above them (ranked first, then two hits)
+    wrong[-1]["score"] = 2.0
+    assert _ap(wrong)["AP"] == pytest.approx((2 / 3 + 51 / 101) / 2, abs=1e-12)
+    # nothing detected scores 0; nothing asked for has no AP at all
+    assert _ap([])["AP"] == 0.0
+    assert np.isnan(_ap([], layouts=[{"caption": None, "objects": []}])["AP"])
+
+
+def test_layout_ap_command(tmp_path, capsys):
+    pytest.importorskip("pycocotools", reason="pycocotools not installed (requirements-test.txt)")
+    layouts, names = tmp_path / "layouts.json", tmp_path / "classes.txt"
+    save_layouts(layouts, AP_LAYOUTS, AP_CLASSES)
+    names.write_text("cat\ndog\n")
+    detections = _gt_detections(AP_LAYOUTS)
+    for d in detections[:2]:
+        d["category_id"] = AP_CLASSES[d["category_id"]]  # by name or by index, as the file prefers
+    (tmp_path / "det.json").write_text(json.dumps(detections))
+    out = tmp_path / "ap.json"
+    cli(["layout-ap", "--layouts", str(layouts), "--detections", str(tmp_path / "det.json"), "--image-size", "100",
+         "--class-names", str(names), "--json", str(out)])
+    scores = json.loads(out.read_text())
+    assert scores["AP"] == scores["AP50"] == scores["AP75"] == scores["AP@0.5"] == 1.0
+    assert json.loads(capsys.readouterr().out) == scores
+    # fractional boxes with --image-size 1 give the same scores (IoU does not depend on the unit)
+    for d in detections:
+        d["bbox"] = [v / 100 for v in d["bbox"]]
+    (tmp_path / "det.json").write_text(json.dumps(detections))
+    cli(["layout-ap", "--layouts", str(layouts), "--detections", str(tmp_path / "det.json"), "--image-size", "1",
+         "--class-names", str(names), "--json", str(out)])
+    assert json.loads(out.read_text())["AP"] == 1.0
+
+
+def _detections_json(**changes):
+    return json.dumps([{"image_id": 0, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 1, **changes}])
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[{"image_id": 0,', "not valid JSON: Expecting property name enclosed in double quotes at line 1, column 17"),
+    ('{"image_id": 0}', "expected a list of detections (COCO results format), got dict"),
+    ('[{"image_id": 0, "category_id": 0, "bbox": [1, 2, 3, 4]}]', "detection 0: missing field 'score'"),
+    (_detections_json(image_id=3), "detection 0: image_id must be a layout index in [0, 3), got 3"),
+    (_detections_json(category_id="cow"), "category_id must be a class name or an index in [0, 2), got 'cow'"),
+    (_detections_json(bbox=[1, 2, 0, 4]), "bbox must be [x, y, w, h] in pixels with w, h > 0, got [1, 2, 0, 4]"),
+    (_detections_json(score="high"), "score must be a number, got 'high'"),
+])
+def test_layout_ap_rejects_malformed_detections(tmp_path, capsys, content, message):
+    layouts, names, det = tmp_path / "layouts.json", tmp_path / "classes.txt", tmp_path / "det.json"
+    save_layouts(layouts, AP_LAYOUTS, AP_CLASSES)
+    names.write_text("cat\ndog\n")
+    det.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["layout-ap", "--layouts", str(layouts), "--detections", str(det), "--image-size", "100",
+             "--class-names", str(names)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and f"{det}: " in err and message in err
+
+
+def test_layout_ap_without_pycocotools_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycocotools", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "pycocotools.coco", None)
+    with pytest.raises(UserError, match="pip install pycocotools"):
+        layout_ap(AP_LAYOUTS, [], AP_CLASSES, 100)
