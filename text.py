@@ -16,10 +16,12 @@ older `transformer.text_model.` CLIP names and the `model.` prefix of SD2 checkp
 The tokenizers need no download: CLIP's byte-level BPE reads `bpe_simple_vocab_16e6.txt.gz` (open_clip ships
 it), WordPiece reads bert-base-uncased's `vocab.txt`. Both are plain Python (no `regex`, no `tokenizers`).
 
-    tokenizer, encoder = build_text_encoder(TextConfig(kind="clip", vocab_path="bpe_simple_vocab_16e6.txt.gz"))
-    encoder.load_state_dict(torch.load("clip.ckpt", weights_only=True))
+    cfg = TextConfig(kind="clip", vocab_path="bpe_simple_vocab_16e6.txt.gz")   # the `text:` config section
+    tokenizer, encoder = load_text_encoder(cfg, torch.load("clip.ckpt", weights_only=True), "clip.ckpt")
     context = encode_captions(tokenizer, encoder, ["a cat on a sofa"], "cuda")   # (1, 77, 768)
-Tests: `pytest tests/test_text.py` (compares with transformers, open_clip and x-transformers when installed).
+train.py and sample.py build the encoder of the `text:` section (kind "none" = a layout-only model), frozen
+and outside DDP. Tests: `pytest tests/test_text.py` (compares with transformers, open_clip and
+x-transformers when installed, and runs a short text-conditioned training).
 """
 import gzip
 import html
@@ -27,10 +29,13 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from config import UserError
 
 try:  # ftfy repairs mojibake before tokenizing, as CLIP does; without it the text is used as is
     import ftfy
@@ -40,7 +45,7 @@ except ImportError:
 
 @dataclass
 class TextConfig:
-    kind: str = "clip"          # clip (SD1.x) | openclip (SD2.x) | bert (LDM text2img)
+    kind: str = "none"          # none (layout only) | clip (SD1.x) | openclip (SD2.x) | bert (LDM text2img)
     vocab_size: int = 49408     # 30522 for bert
     width: int = 768            # token width = the UNet's context_dim
     layers: int = 12
@@ -51,9 +56,13 @@ class TextConfig:
     layer: str = "last"         # last | penultimate: the block whose output gets the final LayerNorm
     proj_dim: int = 1024        # openclip only: width of the (unused) text_projection in the file
     vocab_path: str = ""        # bpe_simple_vocab_16e6.txt.gz (clip, openclip) or vocab.txt (bert); "" = no tokenizer
+    # where the frozen weights come from, and how captions are made (train.py, sample.py)
+    weights: str = ""           # clip.ckpt / bert.ckpt or a single-file checkpoint; "": train.init_from's cond_stage_model
+    append_labels: bool = True  # sample.py: a layout file's text is "caption,label,label..." (the original's COCO/VG text)
+    negative_prompt: str = ""   # the unconditional text of classifier-free guidance ("" as SD/LDM were trained)
 
     def __post_init__(self):
-        for name, allowed in [("kind", ("clip", "openclip", "bert")), ("layer", ("last", "penultimate"))]:
+        for name, allowed in [("kind", ("none", "clip", "openclip", "bert")), ("layer", ("last", "penultimate"))]:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"text.{name}={getattr(self, name)!r}, expected one of {allowed}")
 
@@ -449,6 +458,8 @@ ENCODERS = {"clip": CLIPTextEncoder, "openclip": OpenCLIPTextEncoder, "bert": BE
 
 def build_text_encoder(cfg: TextConfig) -> tuple:
     """-> (tokenizer or None when cfg.vocab_path is empty, frozen encoder in eval mode)."""
+    if cfg.kind not in ENCODERS:
+        raise ValueError(f"text.kind={cfg.kind!r} has no encoder (expected one of {list(ENCODERS)})")
     encoder = ENCODERS[cfg.kind](cfg).eval().requires_grad_(False)
     if not cfg.vocab_path:
         tokenizer = None
@@ -461,6 +472,34 @@ def build_text_encoder(cfg: TextConfig) -> tuple:
     return tokenizer, encoder
 
 
+VOCAB_FILES = {"clip": "bpe_simple_vocab_16e6.txt.gz (OpenAI CLIP / open_clip)",
+               "openclip": "bpe_simple_vocab_16e6.txt.gz (OpenAI CLIP / open_clip)",
+               "bert": "vocab.txt of bert-base-uncased"}
+
+
+def load_text_encoder(cfg: TextConfig, state: dict, where: str) -> tuple:
+    """-> (tokenizer, frozen encoder holding `state`, the weights under the original's names).
+    A missing vocabulary file, or weights that do not fit text.kind and its sizes, are UserErrors
+    that name the file (`where` names the weights' file)."""
+    if not cfg.vocab_path:
+        raise UserError(f"text.kind={cfg.kind} needs its tokenizer's vocabulary: set text.vocab_path "
+                        f"to the {VOCAB_FILES[cfg.kind]}")
+    if not Path(cfg.vocab_path).is_file():
+        raise UserError(f"text.vocab_path={cfg.vocab_path}: file not found (expected the {VOCAB_FILES[cfg.kind]})")
+    tokenizer, encoder = build_text_encoder(cfg)
+    try:  # strict=False so that the first missing/unexpected key (after the renaming hooks) can be named
+        result = encoder.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not fit: the line of the first mismatching tensor
+        line = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise UserError(f"{where}: the text-encoder weights do not fit text.kind={cfg.kind} "
+                        f"(width {cfg.width}, {cfg.layers} layers): {line[:300]}") from None
+    if result.missing_keys or result.unexpected_keys:
+        what = (f"missing {result.missing_keys[0]}" if result.missing_keys else f"unexpected {result.unexpected_keys[0]}")
+        raise UserError(f"{where}: the text-encoder weights do not fit text.kind={cfg.kind} ({what}; "
+                        f"{len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected)")
+    return tokenizer, encoder
+
+
 @torch.no_grad()
 def encode_captions(tokenizer, encoder: nn.Module, captions: list[str], device) -> torch.Tensor:
     """captions (B strings) -> text tokens (B, max_len, width) for the UNet's cross-attention."""
@@ -468,3 +507,32 @@ def encode_captions(tokenizer, encoder: nn.Module, captions: list[str], device) 
         raise ValueError("no tokenizer: set the text config's vocab_path (bpe_simple_vocab_16e6.txt.gz or vocab.txt)")
     ids = tokenizer(captions).to(device)
     return encoder(ids)
+
+
+# -----------------------------------------------------------------------------
+# captions: the text the original conditions on, and the unconditional text of guidance
+
+
+def layout_caption(caption: str, names: list[str], append_labels: bool = True) -> str:
+    """The text for one layout (sample.py; for training data, dataset.py's data.caption=auto makes the
+    same). The original's COCO dataset (data/coco_w_stuff.py,
+    CocoStuffBboxCaptionClassLabelDataset) joins the caption and the layout's distinct class names
+    with "," ("a man riding a horse,person,horse,grass"); its VG dataset (data/vg.py) has no caption and
+    joins the names alone, which is the same rule with an empty caption. The original de-duplicates
+    through a Python set, whose order changes from run to run; here the names keep their order of
+    first appearance, so one layout always gives one text. append_labels False: the caption alone
+    (the names only when there is no caption)."""
+    if caption and not append_labels:
+        return caption
+    return ",".join(([caption] if caption else []) + list(dict.fromkeys(names)))
+
+
+@torch.no_grad()
+def caption_context(tokenizer, encoder: nn.Module, captions: list[str], drop: torch.Tensor,
+                    uncond: torch.Tensor, device) -> torch.Tensor:
+    """Text tokens (B, max_len, width) of a training batch with caption dropout: the rows where drop (B,)
+    is True get `uncond` (1, max_len, width), the encoding of the unconditional text "" (what SD and
+    the LDM were trained to use for no caption, and what guidance subtracts). Selected on the device:
+    no sync, and the same work whatever was dropped."""
+    context = encode_captions(tokenizer, encoder, captions, device)
+    return torch.where(drop[:, None, None], uncond.to(context.dtype), context)

@@ -5,6 +5,13 @@ Train a LayoutDiffuse model: one explicit loop, single process or torchrun DDP, 
     python train.py --preset tiny --train.max_steps=50
     torchrun --nproc_per_node=8 train.py --config config.yaml --train.out_dir=runs/coco
     python train.py --resume                          # continue from <out_dir>/last.pt
+    python train.py --preset coco_sd15 --train.init_from=v1-5-pruned-emaonly.ckpt   # the original's setups
+
+With a foundation checkpoint (train.init_from: a single SD/LDM file, or split unet.ckpt + autoencoder_ckpt
++ text.weights) the UNet starts from it, and its autoencoder and text encoder stay frozen (no grads,
+outside DDP, under no_grad). Text models (text.kind clip | openclip | bert) condition on each item's
+caption as the dataset makes it (data.caption; for COCO/VG the original's "caption,label,label"), dropped
+to "" (the unconditional text) with probability train.text_dropout.
 
 The run folder (train.out_dir) gets: config.yaml (the resolved config), autoencoder.pt (when the
 run trains its own autoencoder first), latents.pt (the latent cache), last.pt (full training state),
@@ -37,8 +44,9 @@ from config import UserError, config_to_dict
 from dataset import DataConfig, build_dataset, draw_layout, pil_to_tensor, tensor_to_pil
 from diffusion import Diffusion, DiffusionConfig
 from model import LayoutUNet, ModelConfig
+from text import TextConfig, caption_context, encode_captions, load_text_encoder
 from vqvae import AutoencoderConfig, autoencoder_loss, build_autoencoder
-from weights import foundation_to_layout_unet, load_foundation
+from weights import as_state_dict, find_text_weights, foundation_parts, foundation_to_layout_unet, load_foundation, read_file
 
 ROOT = Path(__file__).resolve().parent
 
@@ -58,15 +66,19 @@ class TrainConfig:
     ema_decay: float = 0.999
     precision: str = "auto"             # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     trainable: str = "all"              # all | layout (only the new LayoutDiffuse parts; foundation frozen)
-    init_from: str = ""                 # a foundation checkpoint (LDM/SD file, unet.ckpt or ours) to start the UNet from
+    init_from: str = ""                 # a foundation checkpoint (LDM/SD file, unet.ckpt or ours) to start the UNet from;
+                                        # a single file also gives the autoencoder and the text encoder
+    allow_pickle: bool = False          # unpickle Python objects in init_from / weight files (trusted files only)
+    class_names: str = ""               # class-name file: the label order (the original's) the data is relabelled to; "": the dataset's
     layout_dropout: float = 0.1         # drop the whole layout of an image: trains the unconditional model for guidance
-    text_dropout: float = 0.1
+    text_dropout: float = 0.1           # drop the caption to "" (the unconditional text): trains the text-free model for guidance
     seed: int = 0
     num_workers: int = 0
     latent_cache: bool = True           # encode the training images once, train on the stored posteriors
     compile: bool = False               # torch.compile the UNet (CUDA only)
     device: str = "auto"                # auto | cpu | cuda
     log_every: int = 50
+    signal_every: int = 10              # DDP: steps between the ranks' agreement on a stop signal (a collective)
     ckpt_every: int = 500
     keep_every: int = 0                 # > 0: also keep step_XXXXXXX.pt every this many steps
     sample_every: int = 1000
@@ -81,13 +93,37 @@ class TrainConfig:
 
 
 SECTIONS = {"model": ModelConfig, "autoencoder": AutoencoderConfig, "diffusion": DiffusionConfig,
-            "data": DataConfig, "train": TrainConfig}
+            "data": DataConfig, "train": TrainConfig, "text": TextConfig}
 
 
 def load_config(path: str | Path = ROOT / "config.yaml", preset: str | None = None,
                 overrides: list[str] = (), base: dict | None = None) -> dict:
     """{section: dataclass} for the sections of this project (see config.py)."""
     return config.load_config(SECTIONS, path, preset, overrides, base)
+
+
+def check_text_config(cfg: dict):
+    """Text conditioning needs a UNet that cross-attends to tokens of the text encoder's width."""
+    text, model = cfg["text"], cfg["model"]
+    if text.kind == "none":
+        return
+    if model.attention_type != "transformer":
+        raise UserError(f"text.kind={text.kind} needs text cross-attention, but model.attention_type="
+                        f"{model.attention_type!r} has none (set it to 'transformer', or text.kind to 'none')")
+    if model.context_dim != text.width:
+        raise UserError(f"model.context_dim={model.context_dim}, but the text encoder (text.kind={text.kind}) "
+                        f"gives tokens of width text.width={text.width}")
+
+
+def read_class_names(path: str) -> list[str]:
+    """One class name a line, in label order. A relative path that does not exist from the working
+    folder is looked up beside this file (the class lists in presets/)."""
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (ROOT / p).exists():
+        p = ROOT / p
+    if not p.is_file():
+        raise UserError(f"{path}: class-name file not found")
+    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # -----------------------------------------------------------------------------
@@ -180,20 +216,60 @@ def train_autoencoder(cfg: dict, dataset, device, tc: TrainConfig, log) -> dict:
     return {"autoencoder": ae.state_dict(), "autoencoder_config": dataclasses.asdict(cfg["autoencoder"])}
 
 
+def posterior(ae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent mean and std of images (B, 3, H, W): the KL autoencoder's Gaussian posterior. The VQ
+    encoder (the CelebA LDM) is deterministic: std 0, its pre-quantisation latent as the original."""
+    if ae.cfg.kind == "vq":
+        z = ae.encode(images)
+        return z, torch.zeros_like(z)
+    mean, logvar = ae.encode(images)
+    return mean, torch.exp(0.5 * logvar)
+
+
+def load_autoencoder(cfg: dict, path: str, allow_pickle: bool = False, state: dict | None = None):
+    """The frozen first stage: our autoencoder checkpoint ({"autoencoder", "autoencoder_config"}, whose
+    config replaces cfg's), or a foundation's weights under the original's names (a vqvae.ckpt, a
+    single-file checkpoint, or `state` already read from one) built from cfg["autoencoder"]."""
+    if state is None:
+        obj = read_file(path, allow_pickle)
+        if isinstance(obj, dict) and "autoencoder_config" in obj:
+            cfg["autoencoder"] = AutoencoderConfig(**obj["autoencoder_config"])
+            ae = build_autoencoder(cfg["autoencoder"])
+            ae.load_state_dict(obj["autoencoder"])
+            return ae
+        state = foundation_parts(as_state_dict(obj, path), path).get("autoencoder")
+        if not state:
+            raise UserError(f"{path}: holds no autoencoder weights")
+    ae = build_autoencoder(cfg["autoencoder"])
+    try:
+        ae.load_original_state_dict({k: v.float() for k, v in state.items()})
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path}: the autoencoder weights do not fit the config's autoencoder section: {e.args[0]}") from None
+    return ae
+
+
 @torch.no_grad()
 def encode_dataset(ae, dataset, device, num_workers: int, batch_size: int = 128) -> dict:
-    """Encode every training image once: the posterior mean and std of each, plus its layout.
-    Training then draws z = mean + std * noise per step, as the original does from fresh encodings,
-    without running the encoder again (the original encodes every image at every step)."""
+    """Encode every training image once: the posterior mean and std of each, plus everything else
+    its item holds (layout, caption, segmentation mask). Training then draws z = mean + std * noise
+    per step, as the original does from fresh encodings, without running the encoder again (the
+    original encodes every image at every step). A caption stays the one drawn here."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    cache = {"mean": [], "std": [], "boxes": [], "labels": [], "box_mask": []}
+    cache = {"mean": [], "std": []}
     for batch in loader:
-        mean, logvar = ae.encode(batch["image"].to(device))
+        mean, std = posterior(ae, batch["image"].to(device))
         cache["mean"].append(mean.half().cpu())  # half: the cache is 2x smaller, the noise dwarfs the rounding
-        cache["std"].append(torch.exp(0.5 * logvar).half().cpu())
-        for k in ("boxes", "labels", "box_mask"):
-            cache[k].append(batch[k])
-    return {k: torch.cat(v) for k, v in cache.items()}
+        cache["std"].append(std.half().cpu())
+        for k, v in batch.items():
+            if k == "image":
+                continue
+            if k == "seg_mask":
+                v = v.to(torch.uint8)  # labels < 255 and 255 = ignore: 8x smaller than int64
+            if torch.is_tensor(v):
+                cache.setdefault(k, []).append(v)
+            else:  # the captions: a list of B strings
+                cache.setdefault(k, []).extend(v)
+    return {k: torch.cat(v) if torch.is_tensor(v[0]) else v for k, v in cache.items()}
 
 
 class LatentDataset(torch.utils.data.Dataset):
@@ -261,20 +337,30 @@ def freeze_foundation(unet: LayoutUNet):
         p.requires_grad_(name in new)
 
 
+def unconditional(cond: dict, uncond_text: torch.Tensor | None = None) -> dict:
+    """The guidance branch of conditions `cond`: the empty layout (no boxes; a segmentation mask all
+    255 = ignore) and, for a text model, the unconditional text uncond_text (1, L, width)."""
+    out = dict(cond, box_mask=torch.zeros_like(cond["box_mask"]))
+    if "seg_mask" in cond:
+        out["seg_mask"] = torch.full_like(cond["seg_mask"], 255)
+    if "text" in cond:
+        out["text"] = uncond_text.to(cond["text"].dtype).expand(cond["text"].shape[0], -1, -1)
+    return out
+
+
 @torch.no_grad()
-def sample_grid(unet, ae, diffusion: Diffusion, dc: DiffusionConfig, layouts: dict, noise: torch.Tensor,
+def sample_grid(unet, ae, diffusion: Diffusion, dc: DiffusionConfig, cond: dict, uncond: dict, noise: torch.Tensor,
                 class_names: list[str]) -> torch.Tensor:
-    """Sample fixed layouts with fixed noise (comparable over training); returns a uint8 grid
-    (3, H, W): the samples on top, the same with their boxes and labels drawn below."""
-    cond = {k: layouts[k] for k in ("boxes", "labels", "box_mask")}
-    uncond = dict(cond, box_mask=torch.zeros_like(cond["box_mask"]))  # the empty layout
+    """Sample fixed conditions (a layout; a caption's tokens, a segmentation mask) with fixed noise,
+    comparable over training; returns a uint8 grid (3, H, W): the samples on top, the same with
+    their boxes and labels drawn below."""
     sampler = diffusion.plms_sample if dc.sampler == "plms" else diffusion.ddim_sample
     z = sampler(unet, noise, dc.steps, eta=dc.eta, guidance_scale=dc.guidance_scale, cond=cond, uncond=uncond)
     images = ae.decode_latent(z.float()).cpu()
     plain, drawn = [], []
     for i, image in enumerate(images):
         pil = tensor_to_pil(image)
-        boxed = draw_layout(pil, layouts["boxes"][i].cpu(), layouts["labels"][i].cpu(), layouts["box_mask"][i].cpu(), class_names)
+        boxed = draw_layout(pil, cond["boxes"][i].cpu(), cond["labels"][i].cpu(), cond["box_mask"][i].cpu(), class_names)
         plain.append(pil_to_tensor(pil.resize(boxed.size, Image.NEAREST)))
         drawn.append(pil_to_tensor(boxed))
     from torchvision.utils import make_grid  # imported here: torchvision adds seconds to every start-up
@@ -328,6 +414,7 @@ def main(argv=None):
             raise UserError(f"{ckpt_path}: not a training checkpoint of this project (no {missing[0]!r} entry)")
         cfg = load_config(base=ckpt["config"], overrides=args.overrides)
     tc, dc = cfg["train"], cfg["diffusion"]
+    check_text_config(cfg)  # before anything is written
     rank, local_rank, world, device = setup_distributed(tc)
     master, writer = rank == 0, None
     try:
@@ -336,6 +423,8 @@ def main(argv=None):
         if master:
             out_dir.mkdir(parents=True, exist_ok=True)
             log(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=True).strip())
+        if tc.signal_every < 1:
+            raise UserError(f"train.signal_every={tc.signal_every}, expected a step count >= 1")
         micro = tc.batch_size // (world * tc.grad_accum)
         if micro * world * tc.grad_accum != tc.batch_size:
             raise UserError(f"train.batch_size={tc.batch_size} is not divisible by world size {world} x grad_accum {tc.grad_accum}")
@@ -345,25 +434,39 @@ def main(argv=None):
         else:
             amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
 
-        # --- data and the frozen autoencoder ---
-        dataset = build_dataset(cfg["data"], "train", cfg["model"].max_objects)
+        # --- data, the frozen autoencoder and the frozen text encoder ---
+        # a preset's class list (the original's label order, that of its released checkpoints) relabels the data
+        label_order = read_class_names(tc.class_names) if tc.class_names else None
+        dataset = build_dataset(cfg["data"], "train", cfg["model"].max_objects, label_order)
         class_names = list(dataset.class_names)
         if cfg["model"].num_classes != len(class_names):
             raise UserError(f"model.num_classes={cfg['model'].num_classes} but the dataset has {len(class_names)} classes")
-        ae_path = Path(tc.autoencoder_ckpt) if tc.autoencoder_ckpt else out_dir / "autoencoder.pt"
-        if not ae_path.exists() and not tc.autoencoder_ckpt and master:
-            log(f"no autoencoder yet: training one ({tc.ae_steps} steps), saved to {ae_path}")
-            save_checkpoint(ae_path, train_autoencoder(cfg, dataset, device, tc, log))
-        if world > 1:
-            dist.barrier()
-        ae_state = load_checkpoint(ae_path)
-        cfg["autoencoder"] = AutoencoderConfig(**ae_state["autoencoder_config"])
-        ae = build_autoencoder(cfg["autoencoder"])
-        ae.load_state_dict(ae_state["autoencoder"])
+        # a single-file foundation checkpoint is read once for the UNet, the autoencoder and the text encoder
+        foundation = load_foundation(tc.init_from, allow_pickle=tc.allow_pickle) if tc.init_from else {}
+        if tc.autoencoder_ckpt:
+            ae = load_autoencoder(cfg, tc.autoencoder_ckpt, tc.allow_pickle)
+        elif foundation.get("autoencoder"):  # the foundation's own (SD / LDM), as the original's vqvae.ckpt
+            ae = load_autoencoder(cfg, tc.init_from, state=foundation["autoencoder"])
+        else:  # a from-scratch run trains its own, once, and keeps it in the run folder
+            ae_path = out_dir / "autoencoder.pt"
+            if not ae_path.exists() and master:
+                log(f"no autoencoder yet: training one ({tc.ae_steps} steps), saved to {ae_path}")
+                save_checkpoint(ae_path, train_autoencoder(cfg, dataset, device, tc, log))
+            if world > 1:
+                dist.barrier()
+            ae = load_autoencoder(cfg, str(ae_path))
         ae.eval().requires_grad_(False).to(device)  # frozen: no grads, never wrapped in DDP
         if cfg["model"].in_channels != cfg["autoencoder"].embed_dim:
             raise UserError(f"model.in_channels={cfg['model'].in_channels} but the autoencoder's latents have "
                             f"{cfg['autoencoder'].embed_dim} channels")
+        tokenizer = text_encoder = None
+        if cfg["text"].kind != "none":
+            text_sd, where = find_text_weights(cfg["text"].weights, tc.init_from, foundation, tc.allow_pickle)
+            tokenizer, text_encoder = load_text_encoder(cfg["text"], text_sd, where)
+            text_encoder.to(device)  # frozen (eval, no grads), never wrapped in DDP; run under no_grad
+            uncond_text = encode_captions(tokenizer, text_encoder, [""], device)  # (1, L, width) of caption dropout
+            negative_text = encode_captions(tokenizer, text_encoder, [cfg["text"].negative_prompt], device)
+            del text_sd
         train_set = dataset
         if tc.latent_cache:
             cache_path = out_dir / "latents.pt"
@@ -374,15 +477,19 @@ def main(argv=None):
             if world > 1:
                 dist.barrier()
             train_set = LatentDataset(load_checkpoint(cache_path))
+            if text_encoder is not None and "caption" not in train_set.cache:
+                raise UserError(f"{cache_path}: a latent cache without captions (written before text conditioning); "
+                                f"delete it to re-encode the training set")
         scale = cfg["autoencoder"].scale_factor
+        segmentation = cfg["model"].layout_attn_type == "segmentation"
 
         # --- model, EMA, optimizer (and their state when resuming) ---
         unet = LayoutUNet(cfg["model"]).to(device)
         if tc.init_from and ckpt is None:  # every rank loads the same file; a resume brings its own weights
-            foundation = load_foundation(tc.init_from)["unet"]
-            if not foundation:
+            if not foundation["unet"]:
                 raise UserError(f"{tc.init_from}: train.init_from holds no UNet weights")
-            log(f"UNet initialised from {tc.init_from}:\n{foundation_to_layout_unet(unet, foundation)}")
+            log(f"UNet initialised from {tc.init_from}:\n{foundation_to_layout_unet(unet, foundation['unet'])}")
+        del foundation  # a full SD checkpoint is gigabytes
         if tc.trainable == "layout":
             freeze_foundation(unet)
         elif tc.trainable != "all":
@@ -408,10 +515,15 @@ def main(argv=None):
             model = torch.compile(model)
         diffusion = Diffusion(dc).to(device)
 
-        # --- fixed layouts and noise for the sample grids ---
-        val = build_dataset(cfg["data"], "val", cfg["model"].max_objects)
+        # --- fixed conditions and noise for the sample grids ---
+        val = build_dataset(cfg["data"], "val", cfg["model"].max_objects, label_order)
         items = [val[i] for i in range(min(tc.sample_n, len(val)))]
-        grid_layouts = {k: torch.stack([it[k] for it in items]).to(device) for k in ("boxes", "labels", "box_mask")}
+        grid_cond = {k: torch.stack([it[k] for it in items]).to(device)
+                     for k in ("boxes", "labels", "box_mask") + (("seg_mask",) if segmentation else ())}
+        grid_uncond = unconditional(grid_cond)
+        if text_encoder is not None:  # the items' captions; the negative prompt for guidance
+            grid_cond["text"] = encode_captions(tokenizer, text_encoder, [it["caption"] for it in items], device)
+            grid_uncond = unconditional(grid_cond, negative_text)
         f = cfg["autoencoder"].downsample_factor
         latent_shape = (cfg["autoencoder"].embed_dim, cfg["data"].image_size // f, cfg["data"].image_size // f)
         grid_noise = torch.randn(len(items), *latent_shape, generator=torch.Generator().manual_seed(tc.seed)).to(device)
@@ -431,7 +543,7 @@ def main(argv=None):
 
         def samples():
             if master:
-                grid = sample_grid(ema, ae, diffusion, dc, grid_layouts, grid_noise, class_names)
+                grid = sample_grid(ema, ae, diffusion, dc, grid_cond, grid_uncond, grid_noise, class_names)
                 (out_dir / "samples").mkdir(exist_ok=True)
                 tensor_to_pil(grid.float() / 127.5 - 1).save(out_dir / "samples" / f"step_{step:07d}.png")
                 writer.add_image("samples", grid, step)
@@ -470,13 +582,16 @@ def main(argv=None):
             batches = iter(loader)
             for _ in range(steps_per_epoch - step % steps_per_epoch):
                 # every rank must stop at the same step boundary: a signal may reach the ranks at
-                # different moments, so they act on it only once they agree, here, between steps
-                if world > 1:
+                # different moments, so they act on it only once they agree, here, between steps.
+                # Only every train.signal_every steps: the agreement is an all-reduce plus a host sync
+                # that a single-GPU step does not have; DDP's gradient all-reduce is then the only
+                # per-step collective (tests/test_ddp_comm.py counts them)
+                if world > 1 and step % tc.signal_every == 0:
                     flag = torch.tensor([float(stop["received"] is not None)], device=device)
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                     if flag.item() > 0:
                         stop["signal"] = stop["received"] or signal.SIGTERM
-                else:
+                elif world == 1:
                     stop["signal"] = stop["received"]
                 if step >= tc.max_steps or stop["signal"] is not None:
                     break
@@ -498,22 +613,29 @@ def main(argv=None):
                     with torch.no_grad():
                         if tc.latent_cache:
                             mean, std = batch["mean"].to(device).float(), batch["std"].to(device).float()
-                            z = mean + std * torch.randn(mean.shape, generator=gen, device=device)
                         else:
-                            m, logvar = ae.encode(batch["image"].to(device))
-                            z = ae.sample(m, logvar, torch.randn(m.shape, generator=gen, device=device))
+                            mean, std = posterior(ae, batch["image"].to(device))
+                        z = mean + std * torch.randn(mean.shape, generator=gen, device=device)
                         x_start = z * scale
                     B = x_start.shape[0]
                     keep = torch.rand(B, generator=gen, device=device) >= tc.layout_dropout
                     box_mask = box_mask & keep[:, None]  # dropped layouts train the unconditional model
                     t = torch.randint(0, dc.n_timestep, (B,), generator=gen, device=device)
                     noise = torch.randn(x_start.shape, generator=gen, device=device)
+                    cond = dict(boxes=boxes, labels=labels, box_mask=box_mask)
+                    if segmentation:  # a dropped layout is an all-ignore mask: every pixel the null class
+                        seg_mask = batch["seg_mask"].to(device).long()
+                        cond["seg_mask"] = torch.where(keep[:, None, None], seg_mask, torch.full_like(seg_mask, 255))
+                    if text_encoder is not None:  # drawn after the others: runs without text draw as before
+                        drop = torch.rand(B, generator=gen, device=device) < tc.text_dropout
+                        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                            cond["text"] = caption_context(tokenizer, text_encoder, batch["caption"], drop, uncond_text,
+                                                           device)
                     last = micro_step == tc.grad_accum - 1
                     # no_sync: accumulate locally, all-reduce once on the last micro-step
                     with (model.no_sync() if world > 1 and not last else contextlib.nullcontext()):
                         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                            losses = diffusion.training_losses(model, x_start, t, noise, boxes=boxes, labels=labels,
-                                                               box_mask=box_mask)
+                            losses = diffusion.training_losses(model, x_start, t, noise, **cond)
                             if 0 <= nan_at <= step:
                                 losses["loss"] = losses["loss"] * float("nan")
                         # divide by the micro-step count so the summed gradients are the mean over the full batch

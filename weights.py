@@ -14,14 +14,16 @@ Three kinds of files come from outside this project:
     report = foundation_to_layout_unet(unet, load_foundation("v1-5-pruned.ckpt")["unet"])
     print(report)      # tensors loaded, moved, left at init, unused
 
+    python weights.py convert LD_SD1_5.ckpt ours.pt --preset coco_sd15 --text-out ours_text.pt
     python weights.py convert layoutdiffuse.ckpt ours.pt --unet-args unet.json --ae-args ae.json
-    python weights.py convert layoutdiffuse.ckpt ours.pt --preset NAME
 
-`convert` writes the checkpoint format sample.py reads. Until presets for the original's models
-exist, give the original's constructor arguments as JSON files: either the kwargs dict itself
-(the `unet_args` / `vqvae_args` of the original's configs/*.json) or a parity manifest holding it
-under `constructor_args`. Released checkpoints are usually full Lightning pickles: pass
---allow-pickle only for files you trust (unpickling can run code).
+sample.py reads released checkpoints directly (`--ckpt LD_SD1_5.ckpt --preset coco_sd15`, through
+`released_modules`); `convert` writes our checkpoint format once, so later runs need no preset.
+Without a preset, give the original's constructor arguments as JSON files: either the kwargs dict
+itself (the `unet_args` / `vqvae_args` of the original's configs/*.json) or a parity manifest holding
+it under `constructor_args`. The frozen text encoder is kept in a file of its own (--text-out), which
+the converted checkpoint's config names as text.weights. Released checkpoints are usually full
+Lightning pickles: pass --allow-pickle only for files you trust (unpickling can run code).
 """
 import argparse
 import json
@@ -77,10 +79,10 @@ def read_file(path, allow_pickle: bool = False):
 def read_state_dict(path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """A flat {name: tensor} dict: a top-level `state_dict` entry (Lightning, LDM) is unwrapped;
     our own training checkpoints give their EMA UNet weights."""
-    return _as_state_dict(read_file(path, allow_pickle), path)
+    return as_state_dict(read_file(path, allow_pickle), path)
 
 
-def _as_state_dict(obj, path) -> dict[str, torch.Tensor]:
+def as_state_dict(obj, path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and "model" in obj and "config" in obj:  # train.py's format
@@ -106,29 +108,55 @@ def split_foundation(sd: dict) -> dict:
     return {part: _strip(sd, prefix) for part, prefix in FOUNDATION_PREFIXES.items()}
 
 
+TEXT_KEY_STARTS = ("transformer.", "model.transformer.", "token_embedding.")  # CLIP/BERT, SD2 OpenCLIP, open_clip
+
+
+def foundation_parts(sd: dict, path) -> dict:
+    """The parts one file holds: {"unet", "autoencoder", "text"} (only those present), recognised by
+    their keys: a single-file checkpoint by its prefixes, else a split unet.ckpt / vqvae.ckpt /
+    clip.ckpt|bert.ckpt (SD2's clip.ckpt says `model.transformer.`)."""
+    if any(k.startswith(tuple(FOUNDATION_PREFIXES.values())) for k in sd):
+        return {part: d for part, d in split_foundation(sd).items() if d}
+    if "time_embed.0.weight" in sd:
+        return {"unet": sd}
+    if "encoder.conv_in.weight" in sd:
+        return {"autoencoder": sd}
+    if any(k.startswith(TEXT_KEY_STARTS) for k in sd):
+        return {"text": sd}
+    raise UserError(f"{path}: neither a foundation checkpoint nor a UNet/autoencoder/text-encoder file "
+                    f"(first keys: {', '.join(list(sd)[:3])})")
+
+
 def load_foundation(*paths, allow_pickle: bool = False) -> dict:
     """{"unet", "autoencoder", "text"} from one single-file checkpoint, or from split files given
     as separate paths (unet.ckpt, vqvae.ckpt, clip.ckpt / bert.ckpt, recognised by their keys),
     or from one of our own checkpoints (its EMA UNet). Parts no file holds are empty dicts."""
     parts = {"unet": {}, "autoencoder": {}, "text": {}}
     for path in paths:
-        sd = read_state_dict(path, allow_pickle)
-        if any(k.startswith(tuple(FOUNDATION_PREFIXES.values())) for k in sd):
-            found = {part: d for part, d in split_foundation(sd).items() if d}
-        elif "time_embed.0.weight" in sd:
-            found = {"unet": sd}
-        elif "encoder.conv_in.weight" in sd:
-            found = {"autoencoder": sd}
-        elif any(k.startswith("transformer.") for k in sd):
-            found = {"text": sd}
-        else:
-            raise UserError(f"{path}: neither a foundation checkpoint nor a UNet/autoencoder/text-encoder file "
-                            f"(first keys: {', '.join(list(sd)[:3])})")
-        for part, d in found.items():
+        for part, d in foundation_parts(read_state_dict(path, allow_pickle), path).items():
             if parts[part]:
                 raise UserError(f"{path}: a second {part} state dict (one file per part)")
             parts[part] = d
     return parts
+
+
+def find_text_weights(weights: str, init_from: str, foundation: dict | None = None,
+                      allow_pickle: bool = False) -> tuple[dict, str]:
+    """The text encoder's state dict (original names) and the file it came from: text.weights
+    (a split clip.ckpt / bert.ckpt or any file load_foundation reads), else the `cond_stage_model.`
+    part of the foundation checkpoint train.init_from (`foundation`: that file already read)."""
+    if weights:
+        state = load_foundation(weights, allow_pickle=allow_pickle)["text"]
+        if not state:
+            raise UserError(f"text.weights={weights}: the file holds no text-encoder weights")
+        return state, weights
+    if init_from:
+        state = (foundation if foundation is not None else load_foundation(init_from, allow_pickle=allow_pickle))["text"]
+        if state:
+            return state, init_from
+    raise UserError("text conditioning needs the encoder's weights: set text.weights (a clip.ckpt / bert.ckpt, or a "
+                    "single-file checkpoint) or train.init_from to a single-file checkpoint with cond_stage_model.* keys"
+                    + (f" ({init_from} has none)" if init_from else ""))
 
 
 def released_to_ours(sd: dict) -> dict:
@@ -222,6 +250,64 @@ def foundation_to_layout_unet(unet: LayoutUNet, foundation_sd: dict) -> LoadRepo
 
 
 # -----------------------------------------------------------------------------
+# released LayoutDiffuse checkpoints -> our modules (sample.py --preset, and the converter)
+
+def check_schedule(schedule: dict, dc, where):
+    """Set the linear schedule of `dc` (DiffusionConfig) from a released file's buffers and check
+    that all of them are that schedule (LDM "linear": betas[0] and betas[-1] are linear_start and
+    linear_end). Buffers on the meta device (key checks) are skipped."""
+    from diffusion import Diffusion
+    betas = schedule.get("betas")
+    if betas is None or betas.is_meta:
+        return
+    dc.schedule, dc.n_timestep = "linear", len(betas)
+    dc.linear_start, dc.linear_end = round(betas[0].item(), 8), round(betas[-1].item(), 8)
+    ours = Diffusion(dc)
+    for k, v in schedule.items():
+        if not torch.allclose(v.float(), getattr(ours, k), rtol=1e-4, atol=1e-7):
+            raise UserError(f"{where}: schedule buffer {k} is not the linear schedule "
+                            f"{dc.linear_start} -> {dc.linear_end} of diffusion.py")
+
+
+def released_modules(parts: dict, cfg: dict, where, materialize: bool = True) -> tuple:
+    """(layout UNet, autoencoder, load report) of `cfg` holding a released checkpoint's parts (released_to_ours):
+    every tensor used, nothing missing, or a UserError naming the first that does not fit. The class
+    count follows the file's class table and the noise schedule its buffers (both written into cfg).
+    The UNet is built on the meta device and takes the file's tensors (no second copy); the
+    autoencoder is real when `materialize`, else only its keys and shapes are checked."""
+    from vqvae import build_autoencoder
+    table = parts["unet"].get("cls_embedder.class_embedder.weight")
+    if table is not None:  # the original's COCO models: 181 classes ('wood', index 181, was their null token)
+        cfg["model"].num_classes = table.shape[0] - 1
+    with torch.device("meta"):
+        unet = LayoutUNet(cfg["model"])
+    report = foundation_to_layout_unet(unet, parts["unet"])
+    if report.new or report.unused:
+        what = f"missing {report.new[0]}" if report.new else f"unexpected {report.unused[0]}"
+        raise UserError(f"{where}: the UNet weights do not fit this config ({what}; "
+                        f"{len(report.new)} missing, {len(report.unused)} unexpected)")
+    if materialize:
+        ae = build_autoencoder(cfg["autoencoder"])
+        ae_sd = {k: v.float() for k, v in parts["autoencoder"].items()}
+    else:
+        with torch.device("meta"):
+            ae = build_autoencoder(cfg["autoencoder"])
+        ae_sd = {k: v.to("meta") for k, v in parts["autoencoder"].items()}  # keys and shapes only
+    try:
+        ae.load_original_state_dict(ae_sd)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{where}: the autoencoder weights do not fit this config: {e.args[0]}") from None
+    check_schedule(parts["schedule"], cfg["diffusion"], where)
+    return unet, ae, report
+
+
+def fit_class_names(names: list[str], n: int) -> list[str]:
+    """Exactly n class names: a longer list is cut (a released COCO model has 181 classes, our
+    COCO list 182), a shorter one padded with class_<i> for rows no layout can name."""
+    return list(names[:n]) + [f"class_{i}" for i in range(len(names), n)]
+
+
+# -----------------------------------------------------------------------------
 # converter: released LayoutDiffuse checkpoint -> our checkpoint format (what sample.py reads)
 
 def _read_args(path: str) -> dict:
@@ -236,15 +322,14 @@ def convert(args) -> dict:
     """Build the model of the preset (or of the original's constructor arguments), fill it with
     the released weights (every tensor used, nothing missing), check the schedule buffers against
     ours, and write {model, ema, autoencoder, config, class_names, step}."""
-    from diffusion import Diffusion
-    from train import load_config, save_checkpoint
+    from train import load_config, read_class_names, save_checkpoint
     from config import config_to_dict
-    from vqvae import AutoencoderKL, VQModel, build_autoencoder
+    from vqvae import AutoencoderKL, VQModel
 
     raw = read_file(args.input, args.allow_pickle)
-    parts = released_to_ours(_as_state_dict(raw, args.input))
+    parts = released_to_ours(as_state_dict(raw, args.input))
     cfg = load_config(preset=args.preset)
-    if args.unet_args:  # the original's architecture, not in a preset yet
+    if args.unet_args:  # the original's architecture instead of a preset's
         unet_args = _read_args(args.unet_args)
         cfg["model"] = LayoutUNet.config_from_original(unet_args)
     if args.ae_args:
@@ -255,38 +340,23 @@ def convert(args) -> dict:
         cfg["autoencoder"] = ae.cfg
     if args.unet_args:  # the original's image_size is the latent's
         cfg["data"].image_size = unet_args.get("image_size", 32) * cfg["autoencoder"].downsample_factor
-    with torch.device("meta"):
-        unet, ae = LayoutUNet(cfg["model"]), build_autoencoder(cfg["autoencoder"])
-    report = foundation_to_layout_unet(unet, parts["unet"])
-    if report.new or report.unused:
-        what = f"missing {report.new[0]}" if report.new else f"unexpected {report.unused[0]}"
-        raise UserError(f"{args.input}: the UNet weights do not fit this config ({what}; "
-                        f"{len(report.new)} missing, {len(report.unused)} unexpected)")
-    try:
-        ae.load_original_state_dict({k: v.to("meta") for k, v in parts["autoencoder"].items()})  # keys/shapes only
-    except (KeyError, ValueError) as e:
-        raise UserError(f"{args.input}: the autoencoder weights do not fit this config: {e.args[0]}") from None
-    betas = parts["schedule"].get("betas")
-    if betas is not None:  # LDM "linear": betas[0] and betas[-1] are linear_start and linear_end
-        dc = cfg["diffusion"]
-        dc.schedule, dc.n_timestep = "linear", len(betas)
-        dc.linear_start, dc.linear_end = round(betas[0].item(), 8), round(betas[-1].item(), 8)
-        ours = Diffusion(dc)
-        for k, v in parts["schedule"].items():
-            if not torch.allclose(v.float(), getattr(ours, k), rtol=1e-4, atol=1e-7):
-                raise UserError(f"{args.input}: schedule buffer {k} is not the linear schedule "
-                                f"{dc.linear_start} -> {dc.linear_end} of diffusion.py")
+    unet, _, report = released_modules(parts, cfg, args.input, materialize=False)
     n = cfg["model"].num_classes
-    names = Path(args.class_names).read_text().splitlines() if args.class_names else [f"class_{i}" for i in range(n)]
-    if len(names) != n:
-        raise UserError(f"{args.class_names}: {len(names)} class names, the model has {n} classes")
+    if args.class_names:
+        names = read_class_names(args.class_names)
+        if len(names) != n:
+            raise UserError(f"{args.class_names}: {len(names)} class names, the model has {n} classes")
+    else:  # the preset's list (cut to the file's class count), or class_0, class_1, ...
+        names = fit_class_names(read_class_names(cfg["train"].class_names) if cfg["train"].class_names else [], n)
+    cfg["train"].class_names = ""  # the checkpoint carries its names
+    if args.text_out and parts["text"]:  # the frozen text encoder stays a file of its own (original names)
+        save_checkpoint(Path(args.text_out), parts["text"])
+        cfg["text"].weights = args.text_out
     model = {k: v.contiguous() for k, v in unet.state_dict().items()}
     ckpt = {"model": model, "ema": model, "config": config_to_dict(cfg), "class_names": names,
             "autoencoder": {k: v.float() for k, v in parts["autoencoder"].items()},
             "step": int(raw.get("global_step", 0))}
     save_checkpoint(Path(args.output), ckpt)
-    if args.text_out and parts["text"]:  # no text encoder here yet: keep its weights aside, original names
-        save_checkpoint(Path(args.text_out), parts["text"])
     print(f"{args.input} -> {args.output}: UNet {len(report.loaded)} tensors, autoencoder {len(parts['autoencoder'])}, "
           f"schedule {len(parts['schedule'])} checked, text encoder {len(parts['text'])} "
           f"({'written to ' + args.text_out if args.text_out and parts['text'] else 'not converted'})")
@@ -303,8 +373,8 @@ def main(argv=None):
     c.add_argument("--unet-args", default=None, help="JSON: the original's UNet constructor args (or a manifest)")
     c.add_argument("--ae-args", default=None, help="JSON: the original's autoencoder constructor args (or a manifest)")
     c.add_argument("--scale-factor", type=float, default=None, help="latent scale (default 0.18215 KL, 1.0 VQ)")
-    c.add_argument("--class-names", default=None, help="text file, one class name a line (default class_0, ...)")
-    c.add_argument("--text-out", default=None, help="also write the text encoder's weights (original names) here")
+    c.add_argument("--class-names", default=None, help="text file, one class name a line (default: the preset's train.class_names, else class_0, ...)")
+    c.add_argument("--text-out", default=None, help="also write the text encoder's weights (original names) here; the config then names this file")
     c.add_argument("--allow-pickle", action="store_true", help="unpickle Python objects (only for trusted files)")
     c.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     args = p.parse_args(argv)

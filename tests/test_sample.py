@@ -166,3 +166,140 @@ def test_sample_checkpoint_errors_exit_2(tiny_run, run_cli, tmp_path, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err == f"error: {missing}: checkpoint not found\n"
     assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# text models, negative prompts, released checkpoints (tiny models built here, random weights)
+
+
+def randomized(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every weight random and large enough that the text and the layout visibly steer the samples
+    (a fresh UNet's zero-initialised output layers would ignore both)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return module
+
+
+def text_model_parts(tmp_path):
+    """The tiny preset as a text model (tiny frozen BERT, tiny vocab.txt) with random UNet weights:
+    (config, unet, autoencoder)."""
+    from model import LayoutUNet
+    from test_text import tiny_bert
+    from train import load_config
+    from vqvae import build_autoencoder
+    _, overrides = tiny_bert(tmp_path)
+    cfg = load_config(preset="tiny", overrides=overrides + ["--diffusion.guidance_scale=4"])
+    torch.manual_seed(0)
+    return cfg, randomized(LayoutUNet(cfg["model"]), 0), randomized(build_autoencoder(cfg["autoencoder"]), 1)
+
+
+def test_layout_prompt_is_made_as_in_training():
+    from sample import layout_prompt
+    names = ["red circle", "blue square", "green triangle"]
+    layout = {"caption": "two shapes", "objects": [(1, (0, 0, 1, 1)), (2, (0, 0, 1, 1)), (1, (0, 0, 1, 1))]}
+    assert layout_prompt(layout, names) == "two shapes,blue square,green triangle"
+    assert layout_prompt(dict(layout, caption=None), names) == "blue square,green triangle"  # no caption: the labels
+    assert layout_prompt(layout, names, append_labels=False) == "two shapes"
+
+
+def test_sample_text_model_with_caption_and_negative_prompt(tmp_path, capsys):
+    from config import config_to_dict
+    from dataset import SHAPES_CLASSES
+    cfg, unet, ae = text_model_parts(tmp_path)
+    ckpt = tmp_path / "text.pt"
+    torch.save({"model": unet.state_dict(), "ema": unet.state_dict(), "config": config_to_dict(cfg), "step": 0,
+                "class_names": list(SHAPES_CLASSES), "autoencoder": ae.state_dict()}, ckpt)
+    layout = write_layouts(tmp_path / "layouts.json", LAYOUTS)
+    recaptioned = write_layouts(tmp_path / "recaptioned.json", [LAYOUTS[0], dict(LAYOUTS[1], caption="a red circle")])
+
+    def sample(out, *args, layouts=layout):
+        cli(["--layout", str(layouts), "--ckpt", str(ckpt), "--out", str(tmp_path / out), "--batch-size", "2", *args])
+        return tmp_path / out
+
+    a = sample("a")  # negative prompt: text.negative_prompt, ""
+    assert capsys.readouterr().out == f"2/2 images written to {tmp_path / 'a'}\n"
+    b = sample("b", "--negative-prompt", "")
+    c = sample("c", "--negative-prompt", "blurry, low quality")
+    d = sample("d", layouts=recaptioned)
+    for i in (0, 1):
+        assert pixels(a / f"{i:04d}.png").shape == (32, 32, 3)
+        assert np.array_equal(pixels(a / f"{i:04d}.png"), pixels(b / f"{i:04d}.png"))  # the default is ""
+        assert not np.array_equal(pixels(a / f"{i:04d}.png"), pixels(c / f"{i:04d}.png"))  # guidance away from it
+    assert np.array_equal(pixels(a / "0000.png"), pixels(d / "0000.png"))
+    assert not np.array_equal(pixels(a / "0001.png"), pixels(d / "0001.png"))  # the caption steers the image
+    missing = tmp_path / "gone.ckpt"  # the frozen encoder is read from the file the run was trained with
+    with pytest.raises(SystemExit):
+        cli(["--layout", str(layout), "--ckpt", str(ckpt), "--out", str(tmp_path / "e"), "--text-weights", str(missing)])
+    assert capsys.readouterr().err == f"error: {missing}: file not found\n"
+
+
+def test_sample_released_checkpoint_with_its_preset(tmp_path, capsys):
+    """A released (Lightning) checkpoint of a tiny text model samples directly with --preset, and gives
+    exactly what its converted checkpoint gives."""
+    import yaml
+    import weights
+    from config import config_to_dict
+    from dataset import SHAPES_CLASSES
+    from diffusion import Diffusion
+    from test_weights import original_layout_state_dict
+    cfg, unet, ae = text_model_parts(tmp_path)
+    (tmp_path / "classes.txt").write_text("\n".join(SHAPES_CLASSES) + "\n")
+    cfg["train"].class_names = str(tmp_path / "classes.txt")
+    preset = tmp_path / "tiny_text.yaml"
+    preset.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    schedule = Diffusion(cfg["diffusion"])
+    text_sd = torch.load(tmp_path / "bert.ckpt", weights_only=True)
+    sd = {**{"denoise_fn." + k: v for k, v in original_layout_state_dict(unet).items()},
+          **{"vqvae_fn." + k: v for k, v in ae.state_dict().items()},
+          **{"text_fn." + k: v for k, v in text_sd.items()},
+          **{k: getattr(schedule, k) for k in weights.SCHEDULE_KEYS}}
+    released = tmp_path / "released.ckpt"
+    torch.save({"state_dict": sd, "global_step": 5}, released)
+    layout = write_layouts(tmp_path / "layouts.json", LAYOUTS)
+    with pytest.raises(SystemExit) as e:
+        cli(["--layout", str(layout), "--ckpt", str(released), "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
+    assert "a released LayoutDiffuse checkpoint: give the preset of its setup" in capsys.readouterr().err
+    cli(["--layout", str(layout), "--ckpt", str(released), "--preset", str(preset), "--out", str(tmp_path / "a")])
+    weights.main(["convert", str(released), str(tmp_path / "ours.pt"), "--preset", str(preset),
+                  "--text-out", str(tmp_path / "ours_text.pt")])
+    cli(["--layout", str(layout), "--ckpt", str(tmp_path / "ours.pt"), "--out", str(tmp_path / "b")])
+    for name in ("0000.png", "0001.png", "0001_boxes.png"):
+        assert np.array_equal(pixels(tmp_path / "a" / name), pixels(tmp_path / "b" / name)), name
+    assert pixels(tmp_path / "a" / "0000.png").std() > 0
+    converted = torch.load(tmp_path / "ours.pt", weights_only=True)
+    assert converted["class_names"] == list(SHAPES_CLASSES) and converted["step"] == 5
+    assert converted["config"]["text"]["weights"] == str(tmp_path / "ours_text.pt")
+
+
+def test_sample_segmentation_model_from_mask_pngs(tmp_path, capsys):
+    """A segmentation-layout model (the celeb_mask setup, tiny) samples from label-mask PNGs."""
+    from config import config_to_dict
+    from model import LayoutUNet
+    from train import load_config
+    from vqvae import build_autoencoder
+    cfg = load_config(preset="tiny", overrides=["--model.layout_attn_type=segmentation", "--model.num_classes=4",
+                                                "--diffusion.guidance_scale=1"])
+    torch.manual_seed(0)
+    unet, ae = randomized(LayoutUNet(cfg["model"]), 0), randomized(build_autoencoder(cfg["autoencoder"]), 1)
+    ckpt = tmp_path / "seg.pt"
+    torch.save({"model": unet.state_dict(), "config": config_to_dict(cfg), "class_names": ["bg", "skin", "hair", "eye"],
+                "autoencoder": ae.state_dict()}, ckpt)
+    masks = [np.full((64, 64), 255, np.uint8), np.zeros((64, 64), np.uint8)]
+    masks[1][:, 32:] = 2
+    for i, m in enumerate(masks):
+        Image.fromarray(m, mode="L").save(tmp_path / f"m{i}.png")
+    cli(["--seg-mask", str(tmp_path / "m0.png"), str(tmp_path / "m1.png"), "--ckpt", str(ckpt), "--out", str(tmp_path / "a")])
+    cli(["--seg-mask", str(tmp_path / "m1.png"), "--ckpt", str(ckpt), "--out", str(tmp_path / "c")])
+    a0, c0 = pixels(tmp_path / "a" / "0000.png"), pixels(tmp_path / "c" / "0000.png")
+    assert a0.shape == c0.shape == (32, 32, 3)
+    assert not np.array_equal(a0, c0)  # the same noise (image 0) under another mask
+    bad = np.zeros((64, 64), np.uint8)
+    bad[0, 0] = 7
+    Image.fromarray(bad, mode="L").save(tmp_path / "bad.png")
+    with pytest.raises(SystemExit):
+        cli(["--seg-mask", str(tmp_path / "bad.png"), "--ckpt", str(ckpt), "--out", str(tmp_path / "b")])
+    assert capsys.readouterr().err.endswith(f"{tmp_path / 'bad.png'}: label 7 is not a class of this model (0..3, 255 = ignore)\n")
+    assert not (tmp_path / "b").exists()

@@ -1,8 +1,11 @@
 """Text encoders and tokenizers (text.py) against the original's key manifests and independent references:
 transformers' CLIPTextModel / CLIPTokenizer / BertTokenizer, open_clip's text tower and SimpleTokenizer,
 x-transformers' encoder. Numerics use tiny random models; full-size models are built on the meta device."""
+import dataclasses
 import json
+import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -302,3 +305,123 @@ def test_encode_captions(kind, bpe_path, tmp_path):
     context = encode_captions(tokenizer, encoder, ["a cat on a sofa", ""], "cpu")
     assert context.shape == (2, 77, 64) and torch.isfinite(context).all() and not context.requires_grad
     assert not torch.allclose(context[0], context[1])
+
+
+# -----------------------------------------------------------------------------
+# text conditioning in train.py / sample.py: captions, caption dropout, a short training run, errors
+
+
+def test_layout_caption_as_the_original():
+    from text import layout_caption
+    # COCO (data/coco_w_stuff.py): the caption, then the layout's distinct class names, joined by ","
+    assert layout_caption("a man on a horse", ["person", "horse", "person", "grass"]) == "a man on a horse,person,horse,grass"
+    # VG (data/vg.py): no caption, the names alone; the original's set order is replaced by first appearance
+    assert layout_caption("", ["tree", "man", "tree"]) == "tree,man"
+    assert layout_caption("a cat", ["cat"], append_labels=False) == "a cat"
+    assert layout_caption("", ["cat", "dog"], append_labels=False) == "cat,dog"  # no caption: the names
+
+
+def tiny_bert(tmp_path):
+    """A tiny random LDM-BERT-style encoder saved as bert.ckpt (the original's key names) and a vocab.txt
+    knowing part of the shapes captions: the overrides that make the tiny preset a text model."""
+    from dataset import SHAPES_CLASSES
+    vocab = bert_vocab(tmp_path / "vocab.txt", list(SHAPES_CLASSES) + ["two shapes on a plain background"])
+    n = len((tmp_path / "vocab.txt").read_text().splitlines())
+    cfg = TextConfig(kind="bert", vocab_size=n, width=32, layers=2, heads=2, dim_head=16, vocab_path=vocab)
+    _, encoder = build_text_encoder(cfg)
+    torch.save(randomize(encoder).state_dict(), tmp_path / "bert.ckpt")
+    overrides = ["--model.attention_type=transformer", "--model.context_dim=32", "--text.kind=bert",
+                 f"--text.vocab_size={n}", "--text.width=32", "--text.layers=2", "--text.heads=2", "--text.dim_head=16",
+                 f"--text.vocab_path={vocab}", f"--text.weights={tmp_path / 'bert.ckpt'}"]
+    return cfg, overrides
+
+
+def test_caption_dropout_uses_the_unconditional_context(tmp_path):
+    from text import caption_context, load_text_encoder
+    cfg, _ = tiny_bert(tmp_path)
+    tokenizer, encoder = load_text_encoder(cfg, torch.load(tmp_path / "bert.ckpt", weights_only=True), "bert.ckpt")
+    captions = ["red circle", "blue square,green triangle", "two shapes"]
+    uncond = encode_captions(tokenizer, encoder, [""], "cpu")
+    full = encode_captions(tokenizer, encoder, captions, "cpu")
+    context = caption_context(tokenizer, encoder, captions, torch.tensor([False, True, False]), uncond, "cpu")
+    assert torch.equal(context[1], uncond[0])  # the dropped caption reads as "", what guidance subtracts
+    assert torch.equal(context[0], full[0]) and torch.equal(context[2], full[2])
+    assert not torch.allclose(full[1], uncond[0])
+
+
+def test_text_conditioned_training_run(tmp_path, run_cli):
+    """The original's fine-tuning setup in miniature: one single-file foundation checkpoint (UNet,
+    autoencoder and a tiny BERT under model.diffusion_model. / first_stage_model. / cond_stage_model.),
+    the foundation frozen, 3 steps: the autoencoder and text encoder come from the file (no autoencoder
+    stage), the losses are finite, the latent cache keeps the captions, a sample grid is drawn with
+    text, and the frozen weights end as they began."""
+    import dataclasses as dc
+    from model import LayoutUNet
+    from train import load_config
+    from vqvae import build_autoencoder
+    from weights import foundation_to_layout_unet
+    _, overrides = tiny_bert(tmp_path)
+    overrides = [o for o in overrides if not o.startswith("--text.weights=")]  # from init_from's cond_stage_model
+    cfg = load_config(preset="tiny", overrides=overrides)
+    torch.manual_seed(0)
+    unet = LayoutUNet(dc.replace(cfg["model"], layout_resolutions=[]))
+    with torch.no_grad():  # a "pretrained" foundation: no zero-initialised output layer that would stop all gradients
+        for p in unet.parameters():
+            p.normal_(0.0, 0.05)
+    unet_sd = {k: v for k, v in unet.state_dict().items() if k not in set(unet.layout_parameter_names())}
+    single = {**{"model.diffusion_model." + k: v for k, v in unet_sd.items()},
+              **{"first_stage_model." + k: v for k, v in build_autoencoder(cfg["autoencoder"]).state_dict().items()},
+              **{"cond_stage_model." + k: v for k, v in torch.load(tmp_path / "bert.ckpt", weights_only=True).items()}}
+    torch.save({"state_dict": single}, tmp_path / "foundation.ckpt")
+    out = tmp_path / "run"
+    proc = run_cli("train.py", "--preset", "tiny", f"--train.out_dir={out}", "--train.max_steps=3", "--train.log_every=1",
+                   "--train.ckpt_every=3", "--train.sample_every=3", "--train.text_dropout=0.5", "--train.trainable=layout",
+                   f"--train.init_from={tmp_path / 'foundation.ckpt'}", *overrides, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "UNet initialised from" in proc.stdout and "no autoencoder yet" not in proc.stdout
+    logged = re.findall(r"^step\s+\d+/3 \| loss (\S+) \| lr \S+ \| grad (\S+) \|", proc.stdout, re.M)
+    assert len(logged) == 3 and all(math.isfinite(float(loss)) and float(grad) > 0 for loss, grad in logged), proc.stdout
+    assert not (out / "autoencoder.pt").exists()  # the foundation's autoencoder, not one trained here
+    cache = torch.load(out / "latents.pt", weights_only=True)
+    assert len(cache["caption"]) == len(cache["mean"]) == 96 and all(isinstance(c, str) and c for c in cache["caption"])
+    assert (out / "samples" / "step_0000003.png").exists()
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert ck["config"]["text"]["kind"] == "bert" and ck["config"]["model"]["attention_type"] == "transformer"
+    assert not any(k.startswith("transformer.") for k in ck["model"])  # the frozen encoder is not in the checkpoint
+    layout_unet = LayoutUNet(cfg["model"])  # trainable=layout: the foundation's tensors end as they began
+    for name in foundation_to_layout_unet(layout_unet, unet_sd).loaded:  # (moved slots included)
+        assert torch.equal(ck["model"][name], layout_unet.state_dict()[name]), name
+
+
+def test_text_config_errors_name_the_problem(tmp_path, capsys):
+    """Text on without cross-attention, or with a width the UNet does not take: one line, exit 2, nothing written."""
+    from train import cli
+    out = tmp_path / "run"
+    for overrides, message in [
+        (["--text.kind=bert", "--text.width=32", "--model.context_dim=32"],  # the tiny UNet has plain self-attention
+         "text.kind=bert needs text cross-attention, but model.attention_type='self' has none"),
+        (["--text.kind=clip", "--text.width=32", "--model.attention_type=transformer", "--model.context_dim=768"],
+         "model.context_dim=768, but the text encoder (text.kind=clip) gives tokens of width text.width=32"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            cli(["--preset", "tiny", f"--train.out_dir={out}", *overrides])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_missing_vocab_or_weights_are_user_errors(tmp_path):
+    from config import UserError
+    from text import load_text_encoder
+    from weights import find_text_weights
+    missing = tmp_path / "nope" / "vocab.txt"
+    with pytest.raises(UserError, match=f"text.vocab_path={re.escape(str(missing))}: file not found"):
+        load_text_encoder(TextConfig(kind="bert", vocab_path=str(missing), **TINY), {}, "bert.ckpt")
+    with pytest.raises(UserError, match="set text.vocab_path to the bpe_simple_vocab_16e6.txt.gz"):
+        load_text_encoder(TextConfig(kind="clip", **TINY), {}, "clip.ckpt")
+    with pytest.raises(UserError, match="needs the encoder's weights: set text.weights"):
+        find_text_weights("", "")
+    cfg, _ = tiny_bert(tmp_path)  # weights of another size: the first tensor that does not fit is named
+    with pytest.raises(UserError, match=r"bert\.ckpt: the text-encoder weights do not fit text\.kind=bert.*size mismatch"):
+        load_text_encoder(dataclasses.replace(cfg, width=64, dim_head=32), torch.load(tmp_path / "bert.ckpt"), "bert.ckpt")

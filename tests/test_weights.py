@@ -1,5 +1,14 @@
 """Checkpoint formats (weights.py): the full-size key lists of ../shared/parity/manifests on the meta
-device (no memory), and small real models for the file formats, the forward pass and the CLIs."""
+device (no memory), and small real models for the file formats, the forward pass and the CLIs.
+
+Every manifest (SD1.5 COCO, LDM COCO, CelebAMask) is written in every file format the original's users
+have: a single-file foundation checkpoint (.ckpt with `state_dict`, or .safetensors), the split
+unet.ckpt / vqvae.ckpt / clip.ckpt|bert.ckpt of split_model.py, and a released Lightning checkpoint. At
+full size the files hold meta tensors (torch.save keeps names and shapes, no data: a few hundred kB),
+read back through the product's loaders into the preset's modules, every tensor used and none missing;
+the same formats with real tensors of a reduced-width model (same structure) also run a forward pass.
+.safetensors cannot hold meta tensors, so it is checked at the reduced size only."""
+import dataclasses
 import json
 import sys
 
@@ -12,13 +21,18 @@ from diffusion import Diffusion, DiffusionConfig
 from model import LayoutAttention, LayoutUNet, ModelConfig, original_key_to_ours
 from vqvae import AutoencoderKL, VQModel
 import weights
-from weights import (SCHEDULE_KEYS, foundation_to_layout_unet, load_foundation, read_state_dict,
-                     released_to_ours, split_foundation)
+from text import build_text_encoder
+from train import load_autoencoder, load_config
+from vqvae import build_autoencoder
+from weights import (SCHEDULE_KEYS, find_text_weights, foundation_to_layout_unet, load_foundation, read_state_dict,
+                     released_modules, released_to_ours, split_foundation)
 
 CONFIGS = ["cocostuff_SD1_5", "cocostuff", "celeb_mask"]
 TEXT = {"cocostuff_SD1_5": "text_model_SD1_5_FrozenCLIPEmbedder", "cocostuff": "text_model_cocostuff_BERTEmbedder"}
 AUTOENCODER = {"cocostuff_SD1_5": ("autoencoder_kl_SD1_5", AutoencoderKL),
                "cocostuff": ("autoencoder_kl_SD1_5", AutoencoderKL), "celeb_mask": ("vq_celeb_mask", VQModel)}
+PRESET = {"cocostuff_SD1_5": "coco_sd15", "cocostuff": "coco_ldm", "celeb_mask": "celeb_mask"}  # presets/*.yaml
+FORMATS = ["single", "split", "released"]
 
 
 def manifest(parity_dir, name: str) -> dict:
@@ -104,6 +118,100 @@ def test_shape_mismatch_names_the_key(parity_dir):
         unet = LayoutUNet.from_original(manifest(parity_dir, "layout_unet_cocostuff_SD1_5")["constructor_args"])
     with pytest.raises(UserError, match=r"input_blocks\.1\.1\.proj_in\.weight: shape \(320, 321, 1, 1\)"):
         foundation_to_layout_unet(unet, sd)
+
+
+def prefixed(prefix: str, sd: dict) -> dict:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def old_clip_names(sd: dict) -> dict:
+    """SD1.x files keep transformers' older CLIP names (`transformer.text_model.`) and position_ids."""
+    out = {k.replace("transformer.", "transformer.text_model.", 1): v for k, v in sd.items()}
+    out["transformer.text_model.embeddings.position_ids"] = torch.zeros(1, 77, dtype=torch.long, device=next(iter(sd.values())).device)
+    return out
+
+
+def write_format(fmt: str, tmp_path, unet_sd: dict, ae_sd: dict, text_sd: dict, layout_sd: dict | None = None,
+                 schedule: dict | None = None) -> list:
+    """Write one checkpoint in a file format of the original's world; returns the paths.
+    single: {"state_dict": model.diffusion_model.* / first_stage_model.* / cond_stage_model.* + extras};
+    safetensors: the same flat dict; split: unet.ckpt, vqvae.ckpt, clip.ckpt (SD) or bert.ckpt (LDM);
+    released: the Lightning state dict (denoise_fn.* of the layout UNet, vqvae_fn.*, text_fn.*, schedule)."""
+    if fmt == "released":
+        sd = {**prefixed("denoise_fn.", layout_sd), **prefixed("vqvae_fn.", ae_sd), **prefixed("text_fn.", text_sd), **schedule}
+        torch.save({"state_dict": sd, "global_step": 3}, tmp_path / "released.ckpt")
+        return [tmp_path / "released.ckpt"]
+    if fmt == "split":
+        paths = [tmp_path / "unet.ckpt", tmp_path / "vqvae.ckpt"]
+        torch.save(unet_sd, paths[0])
+        torch.save(ae_sd, paths[1])
+        if text_sd:
+            paths.append(tmp_path / ("clip.ckpt" if any("text_model" in k for k in text_sd) else "bert.ckpt"))
+            torch.save(text_sd, paths[2])
+        return paths
+    single = {**prefixed("model.diffusion_model.", unet_sd), **prefixed("first_stage_model.", ae_sd),
+              **prefixed("cond_stage_model.", text_sd)}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in single.items()}, str(tmp_path / "model.safetensors"))
+        return [tmp_path / "model.safetensors"]
+    device = next(iter(unet_sd.values())).device
+    single.update({"betas": torch.zeros(1000, device=device), "model_ema.decay": torch.zeros((), device=device)})
+    torch.save({"state_dict": single, "global_step": 3}, tmp_path / "model.ckpt")
+    return [tmp_path / "model.ckpt"]
+
+
+def load_format(fmt: str, paths: list, cfg: dict, meta: bool) -> tuple:
+    """The product's loaders on one format -> (layout UNet, autoencoder, text-encoder state dict, load report)."""
+    if fmt == "released":
+        parts = released_to_ours(read_state_dict(paths[0]))
+        unet, ae, report = released_modules(parts, cfg, paths[0], materialize=not meta)
+        return unet, ae, parts["text"], report
+    parts = load_foundation(*paths)
+    with torch.device("meta" if meta else "cpu"):
+        unet = LayoutUNet(cfg["model"])
+    report = foundation_to_layout_unet(unet, parts["unet"])
+    if meta:
+        with torch.device("meta"):
+            ae = build_autoencoder(cfg["autoencoder"])
+        ae.load_original_state_dict(parts["autoencoder"])  # strict
+    else:  # as train.py: the foundation's autoencoder, built from the config's autoencoder section
+        ae = load_autoencoder(cfg, str(paths[0]), state=parts["autoencoder"])
+    text = {}
+    if cfg["text"].kind != "none":  # as train.py: text.weights (the split file) or init_from's cond_stage_model
+        text, _ = find_text_weights(str(paths[-1]) if fmt == "split" else "", str(paths[0]), parts)
+    return unet, ae, text, report
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_full_size_files_use_every_tensor(parity_dir, tmp_path, config, fmt):
+    """Each manifest at full size, in each file format, into the preset's modules: every UNet,
+    autoencoder and text-encoder tensor used, nothing missing, the layout parameters left at init."""
+    cfg = load_config(preset=PRESET[config])
+    mapping = manifest(parity_dir, f"init_mapping_{config}")
+    unet_sd = meta_state_dict(mapping["foundation_state_dict"])
+    ae_sd = meta_state_dict(manifest(parity_dir, AUTOENCODER[config][0])["state_dict"])
+    text_sd = meta_state_dict(manifest(parity_dir, TEXT[config])["state_dict"]) if config in TEXT else {}
+    if config == "cocostuff_SD1_5":
+        text_sd = old_clip_names(text_sd)  # as in v1-5-pruned-emaonly.ckpt
+    layout = manifest(parity_dir, f"layout_unet_{config}")
+    paths = write_format(fmt, tmp_path, unet_sd, ae_sd, text_sd, meta_state_dict(layout["state_dict"]),
+                         {k: torch.empty(1000, device="meta") for k in SCHEDULE_KEYS})
+    unet, ae, text, report = load_format(fmt, paths, cfg, meta=True)
+    if fmt == "released":  # name for name; the class table's aliases fold into one
+        assert (report.new, report.unused, report.moved) == ([], [], {})
+        assert len(report.loaded) == layout["num_unique_tensors"]
+        # the class count follows the file (the original's COCO models: 181, 'wood' their null token)
+        assert cfg["model"].num_classes == layout["constructor_args"]["instance_prompt_args"]["num_classes"]
+    else:
+        assert len(report.loaded) == len(unet_sd) and not report.unused
+        assert sorted(report.new) == sorted(unet.layout_parameter_names())
+    assert len(text) == len(text_sd)
+    if text_sd:
+        with torch.device("meta"):
+            _, encoder = build_text_encoder(dataclasses.replace(cfg["text"], vocab_path=""))
+        encoder.load_state_dict(text)  # strict: every tensor used, none missing
 
 
 # -----------------------------------------------------------------------------
@@ -241,6 +349,82 @@ def original_layout_state_dict(unet: LayoutUNet) -> dict:
     return out
 
 
+def reduced_config(preset: str) -> dict:
+    """The preset with every width cut down to 32 channels (structure kept: levels, blocks, attention
+    and layout positions, prompts, text kind and layer; so the key names are the full model's) so that
+    its real models build and run in well under a second."""
+    cfg = load_config(preset=preset)
+    m, a, t = cfg["model"], cfg["autoencoder"], cfg["text"]
+    m.model_channels, m.class_embed_dim, m.prompt_dim, m.use_checkpoint = 32, 16, 8, False
+    m.channel_mult, a.ch_mult = [1] * len(m.channel_mult), [1] * len(a.ch_mult)
+    m.num_heads, m.num_head_channels = (2, -1) if m.num_head_channels <= 0 else (-1, 16)
+    m.num_prompt = 4 if m.num_prompt else 0
+    m.context_dim = 16
+    a.ch, a.n_embed = 32, 64
+    if t.kind != "none":
+        t.width, t.layers, t.heads, t.dim_head, t.proj_dim, t.vocab_path = 16, 2, 2, 8, 8, ""  # ids given directly
+        t.vocab_size = 49408 if t.kind != "bert" else 300
+    return cfg
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_reduced_models_load_from_every_format_and_run(tmp_path, config):
+    """A reduced-width foundation (UNet, autoencoder, text encoder) with random weights, written in every
+    format, loads into the preset's modules and runs: text tokens, one UNet forward, one decode. Built
+    from a foundation file it computes exactly what the foundation computes (the layout blocks start at
+    zero output) where no task prompts are added; from a released file, what the released UNet computes."""
+    cfg = reduced_config(PRESET[config])
+    segmentation = cfg["model"].layout_attn_type == "segmentation"
+    foundation = randomize(LayoutUNet(dataclasses.replace(cfg["model"], layout_resolutions=[]))).eval()
+    skip = set(foundation.layout_parameter_names())  # prompts and the class table: not in a foundation file
+    unet_sd = conv_shaped({k: v for k, v in foundation.state_dict().items() if k not in skip}, foundation)
+    ae_sd = randomize(build_autoencoder(cfg["autoencoder"]), seed=1).state_dict()
+    text_sd = {}
+    if cfg["text"].kind != "none":
+        _, encoder = build_text_encoder(cfg["text"])
+        text_sd = randomize(encoder, seed=2).state_dict()
+        text_sd = old_clip_names(text_sd) if cfg["text"].kind == "clip" else text_sd
+    released_unet = randomize(LayoutUNet(dataclasses.replace(cfg["model"], num_classes=5)), seed=3).eval()
+    schedule = {k: getattr(Diffusion(cfg["diffusion"]), k) for k in SCHEDULE_KEYS}
+    gen = torch.Generator().manual_seed(0)
+    f = cfg["autoencoder"].downsample_factor
+    x = torch.randn(2, cfg["model"].in_channels, 8, 8, generator=gen)
+    inputs = dict(x=x, t=torch.tensor([10, 700]))
+    if segmentation:
+        inputs["seg_mask"] = torch.randint(0, 5, (2, 8 * f, 8 * f), generator=gen)
+    else:
+        inputs.update(boxes=torch.tensor([[[0.1, 0.1, 0.5, 0.4], [0.4, 0.3, 0.5, 0.6]]] * 2),
+                      labels=torch.tensor([[1, 3], [4, 0]]), box_mask=torch.tensor([[True, True], [True, False]]))
+    ids = torch.randint(0, cfg["text"].vocab_size, (2, 77), generator=gen)
+    formats = ["single", "split", "released"]
+    try:
+        import safetensors  # noqa: F401 (test-only: .safetensors files need it)
+        formats.append("safetensors")
+    except ImportError:
+        pass
+    for fmt in formats:
+        folder = tmp_path / fmt
+        folder.mkdir()
+        paths = write_format(fmt, folder, unet_sd, ae_sd, text_sd, original_layout_state_dict(released_unet), schedule)
+        unet, ae, text, report = load_format(fmt, paths, cfg, meta=False)
+        unet.eval()
+        assert not report.unused and sorted(report.new) == ([] if fmt == "released" else sorted(unet.layout_parameter_names())), fmt
+        assert all(torch.equal(v, ae_sd[k]) for k, v in ae.state_dict().items()), fmt
+        if text_sd:
+            _, encoder = build_text_encoder(cfg["text"])
+            encoder.load_state_dict(text)  # strict
+            inputs["text"] = encoder(ids)
+            assert inputs["text"].shape == (2, 77, cfg["model"].context_dim)
+        with torch.no_grad():
+            eps = unet(**inputs)
+            image = ae.decode_latent(eps)
+        assert eps.shape == x.shape and torch.isfinite(eps).all() and image.shape == (2, 3, 8 * f, 8 * f), fmt
+        reference = released_unet if fmt == "released" else (foundation if not cfg["model"].num_prompt else None)
+        if reference is not None:
+            with torch.no_grad():
+                torch.testing.assert_close(eps, reference(**inputs), atol=1e-5, rtol=1e-5, msg=fmt)
+
+
 def test_convert_released_checkpoint_for_sample_py(tmp_path, capsys):
     import sample
     unet = randomize(LayoutUNet.from_original(UNET_ARGS)).eval()
@@ -254,12 +438,13 @@ def test_convert_released_checkpoint_for_sample_py(tmp_path, capsys):
     torch.save({"state_dict": sd, "global_step": 7}, released)
     (tmp_path / "unet.json").write_text(json.dumps({"constructor_args": UNET_ARGS}))  # a manifest-like file
     (tmp_path / "ae.json").write_text(json.dumps(AE_ARGS))
-    with pytest.raises(UserError, match="convert it first"):
+    with pytest.raises(UserError, match="a released LayoutDiffuse checkpoint: give the preset of its setup"):
         sample.load_model(str(released), "cpu")
     weights.main(["convert", str(released), str(tmp_path / "ours.pt"), "--unet-args", str(tmp_path / "unet.json"),
                   "--ae-args", str(tmp_path / "ae.json"), "--text-out", str(tmp_path / "text.pt")])
     assert "schedule 12 checked" in capsys.readouterr().out
-    unet2, ae2, diffusion, cfg, names = sample.load_model(str(tmp_path / "ours.pt"), "cpu")
+    unet2, ae2, diffusion, cfg, names, text = sample.load_model(str(tmp_path / "ours.pt"), "cpu")
+    assert text is None and cfg["text"].kind == "none"
     assert names == [f"class_{i}" for i in range(5)] and cfg["data"].image_size == 16
     assert cfg["diffusion"].linear_start == pytest.approx(0.0015) and cfg["diffusion"].linear_end == pytest.approx(0.0195)
     assert all(torch.equal(v, ae.state_dict()[k]) for k, v in ae2.state_dict().items())
