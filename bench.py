@@ -1,44 +1,161 @@
 """
-Speed of our batched layout conditioning against the original's one-image-at-a-time way.
+Speed, FLOPs and memory of the layout UNet: training step, layout-attention share, sampling, the
+whole pipeline, and our batched layout conditioning against the original's one-image loop.
 
-The original LayoutDiffuse runs layout models with batch size 1 only (its class raster is built for
-one image), and its layout attention loops over the boxes in Python with index lists. Ours pads the
-layouts of a batch (boxes (B, N, 4), labels (B, N), box_mask (B, N)) and runs every box of every
-image in one SDPA call. This script times, under torch.no_grad(), after a warm-up, as the median
-of --repeats runs, the work for one batch of B images with 1..N random boxes each (fixed seed):
+THE GPU RUN TO DO (one H100, about 3 minutes eager, up to ~8 with --compile; it stops starting new
+rows after 7.5 minutes, --minutes changes that; rows print as they are measured):
 
-  1. one layout-attention block (layout_partial_v2, from the boxes: region masks and class raster
-     included, as the original builds them inside every block):
-       original loop    a re-creation of the original's per-box algorithm, one call per image
-       ours per-image   LayoutAttention, one batch-1 call per image with only its real boxes
-       ours batched     LayoutAttention, one call for the whole padded batch
-  2. one LayoutUNet forward (text transformer + layout attention): per-image vs batched.
+    python bench.py --preset coco_sd15 --device cuda [--compile]
 
-ms is per B images; ratio is the speed-up over the first row of the same group.
+    python bench.py --threads 1                  # CPU, the default preset (the SD topology scaled down)
+    python bench.py --tiny                       # seconds; CI runs it so every code path keeps working
+    python bench.py --only a,b,d --dtype fp32    # a subset of the sections; fp32 instead of bf16 autocast
+    python bench.py --tiny --compile --compile-backend eager   # the compiled code path, checked on a CPU
 
-    python bench.py                      # CPU, default sizes (8 images x 8 boxes, 32x32)
-    python bench.py --threads 1 --repeats 9
-    python bench.py --device cuda
-    python bench.py --tiny               # seconds; CI runs it so the script keeps working
+coco_sd15 is the original's configs/cocostuff_SD1_5.json: the SD1.5 UNet (320 ch, [1,2,4,4], 2 res
+blocks, 8 heads, text context 768) with layout attention at downsample rates 2 and 4, class table
+of 128-wide embeddings, frozen foundation (904.2 M parameters, 44.7 M trained), the SD KL-f8
+autoencoder (512 px images, 64x64 latents) and CLIP ViT-L/14 text (77 tokens). The configs come from
+presets/coco_sd15.yaml when it loads, else from this file's copy of the original's arguments (the
+header says which). Random weights: speed does not depend on the values. Layouts are random, 1..8
+boxes per image (--boxes). The other presets shrink widths and sizes of the same topology.
+
+Rows (--only takes any of the sections; one Markdown table, `x` has its own):
+  c  "matmul N^3 (measured peak)": the dtype's matmul throughput here, the denominator of % peak.
+     TFLOP/s of every timed row = FLOPs counted on its warm-up run (torch.utils.flop_counter's
+     formulas: matmuls, convolutions, attention; elementwise ops not counted, the MFU convention)
+     / median time.
+  a  "step": one training step as train.py does it, latents and text given: autocast forward and
+     loss (diffusion.training_losses), backward, clip_grad_norm_, the non-finite check, AdamW (fused
+     on CUDA) over the trained parameters; the foundation has requires_grad_(False). One row per
+     batch until one runs out of memory. Target >= 150 images/s.
+     "trick ...": one speed trick alone at a batch that fitted (32), against "trick base" at the same
+     batch ("vs base"): what each trick buys, measured. channels_last, cudnn.benchmark, the masked
+     layout attention (no host sync), gradient checkpointing (its cost), frozen weights stored in
+     bf16, train.py's EMA (every parameter) and an EMA of the trained parameters only.
+     "compiled step" (--compile): the step through torch.compile; the note gives the first call.
+  b  "layout blocks' share": the step timed again with every LayoutAttention replaced by `x + s`
+     (s a trainable scalar per block, so the backward still runs through every later layer, as with
+     the real blocks) and no boxes (no region masks, raster or windows): share = 1 - bypassed / full.
+     Target <= 15 %. Again with layouts of up to model.max_objects boxes, and for a sampling forward.
+  d  "sample": CLIP encode of the captions and the empty ones, 20 PLMS steps with guidance 7.5
+     (cond and uncond in ONE batch of 2B: 21 UNet calls, the first step makes two), VAE decode to
+     512 px; ms per run of `batch` images. Batch 1: latency, target <= 0.3 s; 8, 16: target >= 15
+     images/s. "compiled sample" (--compile): batch 1 through torch.compile.
+  e  "peak memory": a training step at batch 1, target <= 9.4 GiB (the frozen autoencoder and text
+     encoder are on the device too; train.py's EMA copy would add the UNet's size, in the note).
+     "largest batch": the largest forward+backward that fits, without and with model.use_checkpoint:
+     doubling from 1, then bisecting to 1/8, one forward+backward per probe, OOM caught and memory
+     freed. A CPU has no allocator peak: GiB is weights + grads + AdamW state + the heap growth over
+     the forward, and the preset's cpu_mem_cap_gib stands in for the device's memory.
+  f  "pipeline": the step with the frozen autoencoder encoding 512 px images and CLIP encoding the
+     captions every step, against a latent cache (posterior mean/std stored, text encoded), and
+     section a's step (latents and text given).
+  x  the README's tables: our batched layout conditioning against the original's one image at a
+     time: one layout-attention block and one UNet forward, original loop / ours per image / ours
+     batched (window, masked); ratio = speed-up over the group's first row.
+
+Columns: ms per step (per sampling run in d) of `batch` images, median of --repeats after a warm-up;
+"-" where a column does not apply; the note says whether a target is met.
 """
 import argparse
+import contextlib
+import copy
+import ctypes
+import dataclasses
+import datetime
+import gc
 import math
+import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import train
+from config import UserError
+from diffusion import Diffusion, DiffusionConfig
 from model import LayoutAttention, LayoutUNet, ModelConfig, box_regions, box_windows, layout_raster
+from text import TEXT_PRESETS, TextConfig, build_text_encoder
+from vqvae import AutoencoderConfig, build_autoencoder
 
-# Sizes per preset. A preset is one dict here; a GPU preset (bigger maps and batches) is one more.
-# threads None: torch's default. tiny uses 1 thread: on a shared CI runner 2+ OpenMP threads spin at
-# every barrier while one of them is descheduled, which made the tiny run 7x slower here.
+ROOT = Path(__file__).resolve().parent
+
+# The original's configs/cocostuff_SD1_5.json (denoising_model.model_args and vqvae_model.model_args.ddconfig),
+# used when presets/coco_sd15.yaml is absent or does not load.
+SD15_UNET_ARGS = dict(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=2,
+                      attention_resolutions=[1, 2, 4], channel_mult=[1, 2, 4, 4], num_heads=8,
+                      use_spatial_transformer=True, transformer_depth=1, use_checkpoint=True, legacy=False,
+                      prompt_dim=128, num_prompt=0, image_in_kv=False, text_context_dim=768,
+                      instance_prompt_attn_type="layout_partial_v2", instance_attn_res=[2, 4],
+                      instance_prompt_args=dict(num_classes=181, embedding_dim=128))
+SD15_AUTOENCODER = dict(kind="kl", ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[],
+                        z_channels=4, double_z=True, resolution=256, embed_dim=4, scale_factor=0.18215)
+
+# A preset: overrides of the coco_sd15 model / autoencoder / text configs (empty: the real sizes), the
+# sizes of sections a-f, and `x`, the sizes of the original-vs-ours tables (no model_channels there:
+# they use the preset's UNet). threads None: torch's default. tiny and default use 1 thread: on a
+# shared 2-core runner a second OpenMP thread spins at every barrier (7x slower seen here).
 PRESETS = {
-    "default": dict(batch=8, max_boxes=8, res=32, channels=64, class_embed_dim=64, num_classes=12,
-                    model_channels=64, channel_mult=[1, 2, 2], text_tokens=8, context_dim=64, repeats=5, threads=None),
-    "tiny": dict(batch=3, max_boxes=3, res=8, channels=32, class_embed_dim=8, num_classes=6,
-                 model_channels=32, channel_mult=[1, 2], text_tokens=4, context_dim=16, repeats=2, threads=1),
+    "coco_sd15": dict(
+        model={}, autoencoder={}, text={}, image_size=512, boxes=8, batches=[1, 8, 16, 32, 64], trick_batch=32,
+        worst_batch=8, pipeline_batch=16, sample_batches=[1, 8, 16], sample_steps=20, peak_matmul=8192, max_batch=512,
+        cpu_mem_cap_gib=0.0, repeats=5, threads=None, minutes=7.5,
+        x=dict(batch=8, max_boxes=8, res=32, channels=640, class_embed_dim=128, num_classes=181)),
+    "default": dict(  # the SD topology at 1/5 width and 128 px (16x16 latents): a CPU-sized run
+        model=dict(model_channels=64, context_dim=128, class_embed_dim=32, max_objects=16),
+        autoencoder=dict(ch=32), text=dict(width=128, layers=2, heads=2),
+        image_size=128, boxes=8, batches=[1, 4, 8], trick_batch=4, worst_batch=4, pipeline_batch=4,
+        sample_batches=[1, 4], sample_steps=20, peak_matmul=1024, max_batch=64, cpu_mem_cap_gib=0.3, repeats=3,
+        threads=1, minutes=0,
+        x=dict(batch=8, max_boxes=8, res=32, channels=64, class_embed_dim=64, num_classes=12,
+               model_channels=64, channel_mult=[1, 2, 2], text_tokens=8, context_dim=64)),
+    "tiny": dict(
+        model=dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[1, 2],
+                   layout_resolutions=[2], num_heads=2, context_dim=32, num_classes=10, class_embed_dim=16,
+                   max_objects=4),
+        autoencoder=dict(ch=32, ch_mult=[1, 2], num_res_blocks=1), text=dict(vocab_size=64, width=32, layers=1,
+                                                                              heads=2, max_len=8),
+        image_size=16, boxes=3, batches=[1, 2], trick_batch=2, worst_batch=2, pipeline_batch=2, sample_batches=[1, 2],
+        sample_steps=3, peak_matmul=256, max_batch=8, cpu_mem_cap_gib=0.01, repeats=1, threads=1, minutes=0,
+        x=dict(batch=3, max_boxes=3, res=8, channels=32, class_embed_dim=8, num_classes=6,
+               model_channels=32, channel_mult=[1, 2], text_tokens=4, context_dim=16)),
 }
+SECTIONS = "abcdefx"
+
+# -----------------------------------------------------------------------------
+# configs
+
+
+def preset_configs(preset: dict) -> tuple[ModelConfig, AutoencoderConfig, TextConfig, str]:
+    """The coco_sd15 UNet, autoencoder and text configs with the preset's overrides, and where the
+    base came from. The speed rows run without gradient checkpointing (section e turns it on)."""
+    source = "presets/coco_sd15.yaml"
+    try:
+        cfg = train.load_config(preset="coco_sd15")
+        model, ae = cfg["model"], cfg["autoencoder"]
+        text = cfg.get("text")
+        if not isinstance(text, TextConfig) or text.kind == "none":  # a train.py without a text section
+            text = TextConfig(**TEXT_PRESETS["clip"])
+    except UserError as e:  # not written yet, or not loadable by this train.py
+        model, ae = LayoutUNet.config_from_original(SD15_UNET_ARGS), AutoencoderConfig(**SD15_AUTOENCODER)
+        text = TextConfig(**TEXT_PRESETS["clip"])
+        source = f"bench.py's copy of configs/cocostuff_SD1_5.json ({str(e).split(':')[0][:60]})"
+    model = dataclasses.replace(model, use_checkpoint=False, **preset["model"])
+    text = dataclasses.replace(text, vocab_path="", **preset["text"])  # no tokenizer: random token ids
+    return model, dataclasses.replace(ae, **preset["autoencoder"]), text, source
+
+
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(all, trained with the foundation frozen) parameters of the UNet, built on the meta device."""
+    with torch.device("meta"):
+        unet = LayoutUNet(cfg)
+    train.freeze_foundation(unet)
+    return sum(p.numel() for p in unet.parameters()), sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 # -----------------------------------------------------------------------------
 # inputs and the original's algorithm
@@ -95,23 +212,594 @@ def ours_layout_attention(block: LayoutAttention, x, boxes, labels, box_mask, ta
     return block(x, layout, table)
 
 
+def make_batch(B: int, cfg: ModelConfig, latent: int, text_len: int, n_boxes: int, gen: torch.Generator,
+               device) -> dict:
+    """Random training inputs for B images: latents x_start (B, 4, latent, latent), noise, timesteps,
+    text tokens (B, text_len, context_dim) and layouts of 1..n_boxes boxes, padded to the longest as
+    train.py trims a batch."""
+    boxes, labels, box_mask = random_layouts(B, n_boxes, cfg.num_classes, gen)
+    n = int(box_mask.sum(1).max())
+    batch = dict(x_start=torch.randn(B, cfg.in_channels, latent, latent, generator=gen),
+                 noise=torch.randn(B, cfg.in_channels, latent, latent, generator=gen),
+                 t=torch.randint(0, 1000, (B,), generator=gen),
+                 text=torch.randn(B, text_len, cfg.context_dim, generator=gen),
+                 boxes=boxes[:, :n], labels=labels[:, :n], box_mask=box_mask[:, :n])
+    return {k: v.to(device) for k, v in batch.items()}
+
 # -----------------------------------------------------------------------------
-# timing
+# timing, FLOPs, memory
+
+# PyTorch has no FLOP formula for the CPU attention kernel, so FlopCounterMode counted 0 for every
+# attention on a CPU; it is the same computation as the CUDA flash kernel, so count it the same way.
+for _op, _formula in ((torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, flop_counter.sdpa_flop),
+                      (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                       flop_counter.sdpa_backward_flop)):
+    if _op not in flop_counter.flop_registry:
+        flop_counter.flop_registry[_op] = _formula
 
 
-def time_fn(fn, repeats: int, device: str = "cpu") -> float:
-    """Median wall time of fn() in ms over `repeats` runs, after one warm-up run. On CUDA the
-    kernels run asynchronously, so we synchronize before reading the clock each time."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn()
+class FlopCount(TorchDispatchMode):
+    """Total FLOPs of the ops run inside, by FlopCounterMode's formulas (its flop_registry: matmuls,
+    convolutions, attention). Not FlopCounterMode itself: its per-module tracker raises on a view of
+    a parameter taken under no_grad (LayoutAttention's null token while sampling), torch 2.14."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        formula = flop_counter.flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **(kwargs or {}), out_val=out)
+        return out
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of fn (which it runs)."""
+    with FlopCount() as counter:
+        fn()
+    return counter.total
+
+
+def sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# --clock process: time CPU runs by this process's CPU time, not the wall clock. With one thread the
+# two agree on a quiet machine; on a shared one the wall clock also counts the time other processes
+# held the core (a 2-core box running two trainings made the same rows 30-70x slower here).
+CLOCK = {"wall": time.perf_counter, "process": time.process_time}
+clock = CLOCK["wall"]
+
+
+def time_fn(fn, repeats: int, device: str = "cpu", warmup: bool = True) -> float:
+    """Median time of fn() in ms over `repeats` runs, after one warm-up run. On CUDA the kernels
+    run asynchronously, so we synchronize before reading the clock each time."""
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
+        sync(device)
+        t0 = clock()
         fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
+        sync(device)
+        times.append((clock() - t0) * 1e3)
     return statistics.median(times)
+
+
+def measure(args, fn, repeats: int | None = None) -> tuple[float, int | None]:
+    """(median ms, FLOPs of one call): when section c is on, the FLOPs are counted on the warm-up run
+    (it makes the first-call allocations and autotuning as a plain one does)."""
+    flops = count_flops(fn) if "c" in args.only else None
+    return time_fn(fn, repeats or args.repeats, args.device, warmup=flops is None), flops
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_bytes() -> int | None:
+    """Bytes the C heap has handed out now (glibc's mallinfo2: arena + mmapped blocks), where PyTorch's
+    CPU tensors live; None off glibc. The CPU stand-in for torch.cuda.memory_allocated()."""
+    try:
+        info = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    info.restype = _MallInfo2
+    m = info()
+    return m.hblkhd + m.uordblks
+
+
+def model_state_bytes(unet, opt) -> int:
+    """Weights + gradients of the trained ones + AdamW state (two moments each)."""
+    weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+    trained = sum(p.numel() * p.element_size() for p in unet.parameters() if p.requires_grad)
+    return weights + 3 * trained
+
+
+def free_memory(device: str, after_oom: bool = False):
+    """Hand the cached CUDA blocks back; after an out-of-memory error also collect the reference
+    cycles that may still hold the failed step's tensors (gc takes ~0.3 s, so only then)."""
+    if after_oom:
+        gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:  # the CPU model, where Linux tells it
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+# -----------------------------------------------------------------------------
+# the table: one row per measurement, printed at once (a run cut short keeps what it measured)
+
+COLUMNS = ("sec", "config", "batch", "ms", "images/s", "TFLOP/s", "% peak", "peak GiB", "note")
+
+
+def fmt(v, digits: int = 1) -> str:
+    """digits after the point; 3 for TFLOP/s, which span 0.001 (a CPU, tiny) to 1000 (a GPU)."""
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f}" if digits < 3 else f"{v:.3g}"
+
+
+def emit(args, sec: str, config: str, batch=None, ms=None, flops=None, gib=None, note: str = "", images=None):
+    """Print one row as a Markdown table row. images: images per run (default: batch)."""
+    images = batch if images is None else images
+    per_s = images / ms * 1e3 if ms and images else None
+    tflops = flops / ms / 1e9 if flops and ms else None
+    peak = tflops / args.peak_tflops * 100 if tflops and args.peak_tflops else None
+    cells = (sec, config, "-" if batch is None else str(batch), fmt(ms, 2), fmt(per_s), fmt(tflops, 3),
+             fmt(peak), fmt(gib, 2), note)
+    print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def over_budget(args) -> bool:
+    """True once the run has used the preset's minutes (0: no limit); the remaining rows are skipped."""
+    return bool(args.deadline) and time.time() > args.deadline
+
+# -----------------------------------------------------------------------------
+# the models and the training step
+
+
+def amp_context(args):
+    """bf16 autocast (--dtype bf16) or nothing (fp32)."""
+    if args.dtype == "bf16":
+        return torch.autocast(args.device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build(args, mc: ModelConfig, ac: AutoencoderConfig, tc: TextConfig) -> dict:
+    """Random-weight UNet (foundation frozen, as train.trainable=layout), its fused AdamW, the frozen
+    autoencoder and text encoder, and the SD diffusion schedule, all on the device. Built there
+    directly: initialising 904 M parameters on the host first would cost seconds."""
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        unet = LayoutUNet(mc)
+        ae = build_autoencoder(ac).eval().requires_grad_(False)
+        _, text_encoder = build_text_encoder(tc)
+    train.freeze_foundation(unet)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=args.device == "cuda")  # as train.py: one kernel for all tensors
+    dc = DiffusionConfig(linear_start=0.00085, linear_end=0.012, sampler="plms", steps=args.sizes["sample_steps"],
+                         guidance_scale=7.5)  # the original's cocostuff_SD1_5 schedule and sampler
+    latent = args.sizes["image_size"] // ac.downsample_factor
+    return dict(unet=unet, params=params, opt=opt, ae=ae, text_encoder=text_encoder, tc=tc, mc=mc,
+                diffusion=Diffusion(dc).to(args.device), dc=dc, latent=latent, gen=torch.Generator().manual_seed(0))
+
+
+def train_step(args, env: dict, batch: dict, model=None, layout: bool = True, ema=None):
+    """One training step as train.py's loop does it (minus logging): autocast forward and loss,
+    backward, gradient clipping, the non-finite check (one host sync, as train.py), fused AdamW,
+    then `ema()` when given. model: the UNet or a compiled wrapper; layout False: no boxes."""
+    cond = {k: batch[k] for k in ("boxes", "labels", "box_mask")} if layout else {}
+    with amp_context(args):
+        losses = env["diffusion"].training_losses(env["unet"] if model is None else model, batch["x_start"],
+                                                  batch["t"], batch["noise"], text=batch["text"], **cond)
+    losses["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(env["params"], 1.0)
+    if torch.isfinite(grad_norm):
+        env["opt"].step()
+        if ema is not None:
+            ema()
+    env["opt"].zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def layout_bypassed(unet: LayoutUNet):
+    """Every LayoutAttention computes `x + s` instead (s a trainable zero scalar of its own): the
+    gradient still flows through every later layer and down to the first layout block, as with the
+    real blocks, so the time saved is the blocks' forward and backward alone."""
+    blocks = [m for m in unet.modules() if isinstance(m, LayoutAttention)]
+    for m in blocks:
+        s = torch.zeros((), device=next(unet.parameters()).device, requires_grad=True)
+        m.forward = lambda x, layout, table, s=s: x + s
+    try:
+        yield
+    finally:
+        for m in blocks:
+            del m.forward  # back to the class's forward
+
+# -----------------------------------------------------------------------------
+# sections
+
+
+def section_c_peak(args):
+    """The matmul peak of this device in the run's dtype: the denominator of % peak."""
+    n = args.sizes["peak_matmul"]
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    a, b = (torch.randn(n, n, device=args.device, dtype=dtype) for _ in range(2))
+    ms = time_fn(lambda: a @ b, max(args.repeats, 10), args.device)
+    args.peak_tflops = 2 * n ** 3 / ms / 1e9
+    emit(args, "c", f"{args.dtype} matmul {n}^3 (measured peak)", ms=ms, flops=2 * n ** 3,
+         note="the % peak denominator")
+
+
+def section_a(args, env: dict) -> dict:
+    """The training step at each batch size until one runs out of memory. Returns {batch: (ms, flops)}."""
+    unet, dev, results = env["unet"], args.device, {}
+    latent, tlen = env["latent"], env["tc"].max_len
+    shape = f"{latent}x{latent} latents, text {tlen}, {args.dtype}, {env['mc'].layout_attn_impl}"
+    if args.channels_last:  # the --channels-last flag: its effect is the channels_last trick row
+        unet.to(memory_format=torch.channels_last)
+    for B in args.sizes["batches"]:
+        if over_budget(args):
+            emit(args, "a", "step: skipped, time budget", B)
+            break
+        batch = make_batch(B, env["mc"], latent, tlen, args.boxes, env["gen"], dev)
+        if args.channels_last:
+            batch["x_start"], batch["noise"] = (batch[k].contiguous(memory_format=torch.channels_last)
+                                                for k in ("x_start", "noise"))
+        oom = False
+        try:
+            ms, flops = measure(args, lambda: train_step(args, env, batch))
+        except torch.cuda.OutOfMemoryError:
+            oom = True
+        if oom:  # outside the except: its traceback no longer holds the step's tensors
+            env["opt"].zero_grad(set_to_none=True)
+            batch = None
+            free_memory(dev, after_oom=True)
+            emit(args, "a", f"step: out of memory ({shape})", B, note="larger batches not tried")
+            break
+        results[B] = (ms, flops)
+        note = [f"{flops / B / 1e9:.1f} GFLOP/img"] if flops else []
+        if B == max(args.sizes["batches"]) or B >= 32:
+            note.append(f"target >= 150 img/s {'met' if B / ms * 1e3 >= 150 else 'not met'}")
+        emit(args, "a", f"step ({shape})", B, ms, flops, note="; ".join(note))
+    if args.channels_last:
+        unet.to(memory_format=torch.contiguous_format)
+    free_memory(dev)
+    return results
+
+
+def section_a_tricks(args, env: dict):
+    """Each speed trick alone at trick_batch, against the plain step at the same batch."""
+    unet, dev, B = env["unet"], args.device, args.trick_batch
+    batch = make_batch(B, env["mc"], env["latent"], env["tc"].max_len, args.boxes, env["gen"], dev)
+    base, flops = measure(args, lambda: train_step(args, env, batch))
+    emit(args, "a", "trick base: plain step", B, base, flops, note="1.00x")
+
+    def trick(name, fn, setup=None, teardown=None):
+        if over_budget(args):
+            emit(args, "a", f"trick {name}: skipped, time budget", B)
+            return
+        if setup:
+            setup()
+        try:
+            ms = time_fn(fn, args.repeats, dev)
+        except torch.cuda.OutOfMemoryError:
+            ms = None
+        env["opt"].zero_grad(set_to_none=True)
+        if teardown:
+            teardown()
+        free_memory(dev, after_oom=ms is None)
+        emit(args, "a", f"trick {name}", B, ms, flops if ms else None,
+             note=f"{base / ms:.2f}x vs base" if ms else "out of memory")
+
+    cl = {k: batch[k].contiguous(memory_format=torch.channels_last) for k in ("x_start", "noise")}
+    trick("channels_last (weights and latents)", lambda: train_step(args, env, dict(batch, **cl)),
+          lambda: unet.to(memory_format=torch.channels_last), lambda: unet.to(memory_format=torch.contiguous_format))
+    if dev == "cuda":  # autotuned conv algorithms: the shapes are fixed in training
+        bench_flag = torch.backends.cudnn.benchmark
+        trick("cudnn.benchmark", lambda: train_step(args, env, batch),
+              lambda: setattr(torch.backends.cudnn, "benchmark", True),
+              lambda: setattr(torch.backends.cudnn, "benchmark", bench_flag))
+    impl = env["mc"].layout_attn_impl
+    other = "masked" if impl == "window" else "window"
+    trick(f"layout_attn_impl={other}", lambda: train_step(args, env, batch),
+          lambda: setattr(unet.cfg, "layout_attn_impl", other), lambda: setattr(unet.cfg, "layout_attn_impl", impl))
+    trick("use_checkpoint (recompute in backward)", lambda: train_step(args, env, batch),
+          lambda: setattr(unet.cfg, "use_checkpoint", True), lambda: setattr(unet.cfg, "use_checkpoint", False))
+    if args.dtype == "bf16":  # autocast then stops casting the 860 M frozen weights at every use
+        norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)  # these stay float32: they run in float32
+        frozen = [p for m in unet.modules() if not isinstance(m, norms) for p in m.parameters(recurse=False)
+                  if not p.requires_grad]
+
+        def store(dtype):
+            for p in frozen:
+                p.data = p.data.to(dtype)
+        trick("frozen weights stored in bf16", lambda: train_step(args, env, batch),
+              lambda: store(torch.bfloat16), lambda: store(torch.float32))
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    trick("+ EMA as train.py (every parameter, one lerp each)",
+          lambda: train_step(args, env, batch, ema=lambda: train.update_ema(ema, unet, 0.999)))
+    trained = [e for e, p in zip(ema.parameters(), unet.parameters()) if p.requires_grad]
+    # the frozen parameters' EMA equals the parameters for ever: averaging only the trained ones is the same EMA
+    trick("+ EMA of the trained parameters only (one foreach lerp)",
+          lambda: train_step(args, env, batch, ema=lambda: torch._foreach_lerp_(trained, env["params"], 1 - 0.999)))
+    del ema, trained
+    free_memory(dev)
+
+
+def section_a_compiled(args, env: dict, compiled):
+    """The step through torch.compile at trick_batch, then at section a's other batches of 8 or more
+    that fitted. The first call of a shape compiles (its time is in the note); the batch dimension
+    turns dynamic at the second shape, so there is one more compile, not one per batch."""
+    latent, tlen, first = env["latent"], env["tc"].max_len, args.trick_batch
+    others = [B for B in args.flops_by_batch if B != first]
+    for B in [first] + ([B for B in others if B >= 8] or others):
+        if over_budget(args):
+            emit(args, "a", "compiled step: skipped, time budget", B)
+            break
+        batch = make_batch(B, env["mc"], latent, tlen, args.boxes, env["gen"], args.device)
+        t0 = time.perf_counter()
+        oom = False
+        try:
+            train_step(args, env, batch, compiled)
+            sync(args.device)
+            warm = time.perf_counter() - t0
+            ms = time_fn(lambda: train_step(args, env, batch, compiled), args.repeats, args.device)
+        except torch.cuda.OutOfMemoryError:
+            oom = True
+        if oom:
+            batch = None
+            env["opt"].zero_grad(set_to_none=True)
+            free_memory(args.device, after_oom=True)
+            emit(args, "a", "compiled step: out of memory", B)
+            break
+        emit(args, "a", f"compiled step ({latent}x{latent}, {args.dtype})", B, ms, args.flops_by_batch.get(B),
+             note=f"first call {warm:.0f} s")
+
+
+def section_b(args, env: dict):
+    """Share of the layout blocks: the step, and the sampling forward, with the blocks bypassed."""
+    unet, dev = env["unet"], args.device
+
+    def step_share(B: int, n_boxes: int, what: str):
+        batch = make_batch(B, env["mc"], env["latent"], env["tc"].max_len, n_boxes, env["gen"], dev)
+        try:
+            full = time_fn(lambda: train_step(args, env, batch), args.repeats, dev)
+        except torch.cuda.OutOfMemoryError:
+            full = None
+        if full is None:  # outside the except, which holds the step's tensors
+            env["opt"].zero_grad(set_to_none=True)
+            free_memory(dev, after_oom=True)
+            emit(args, "b", f"{what}: out of memory", B)
+            return
+        with layout_bypassed(unet):
+            bypassed = time_fn(lambda: train_step(args, env, batch, layout=False), args.repeats, dev)
+        share = 1 - bypassed / full
+        emit(args, "b", f"step, layout blocks bypassed (x + s), {what}", B, bypassed,
+             note=f"full step {full:.2f} ms")
+        emit(args, "b", f"layout blocks' share of the step, {what}", B, full - bypassed, images=0,
+             note=f"share {share * 100:.1f} %; target <= 15 % {'met' if share <= 0.15 else 'not met'}")
+
+    step_share(args.trick_batch, args.boxes, f"1..{args.boxes} boxes")
+    if env["mc"].max_objects > args.boxes and not over_budget(args):  # the config's limit: a batch padded to it
+        N = env["mc"].max_objects
+        step_share(args.sizes["worst_batch"], N, f"1..{N} boxes (max_objects)")
+    # the sampling forward: one image with guidance is a batch of 2
+    x = make_batch(2, env["mc"], env["latent"], env["tc"].max_len, args.boxes, env["gen"], dev)
+    unet.eval()
+
+    @torch.no_grad()
+    def forward(layout=True):
+        cond = {k: x[k] for k in ("boxes", "labels", "box_mask")} if layout else {}
+        with amp_context(args):
+            unet(x["x_start"], x["t"], x["text"], **cond)
+    full = time_fn(forward, args.repeats, dev)
+    with layout_bypassed(unet):
+        bypassed = time_fn(lambda: forward(False), args.repeats, dev)
+    unet.train()
+    emit(args, "b", "layout blocks' share of a sampling forward (cond+uncond)", 2, full - bypassed, images=0,
+         note=f"share {(1 - bypassed / full) * 100:.1f} %; full {full:.2f} ms")
+    free_memory(dev)
+
+
+def section_d(args, env: dict, compiled=None):
+    """End-to-end sampling: text encode, PLMS with batched guidance, VAE decode."""
+    unet, ae, dev, dc = env["unet"], env["ae"], args.device, env["dc"]
+    model = unet if compiled is None else compiled
+    tc, latent = env["tc"], env["latent"]
+    unet.eval()
+    for B in ([1] if compiled is not None else args.sizes["sample_batches"]):
+        if over_budget(args):
+            emit(args, "d", "sampling: skipped, time budget", B)
+            break
+        gen = torch.Generator().manual_seed(B)
+        boxes, labels, box_mask = (z.to(dev) for z in random_layouts(B, args.boxes, env["mc"].num_classes, gen))
+        ids = torch.randint(0, tc.vocab_size, (2 * B, tc.max_len), generator=gen).to(dev)  # captions, then empty ones
+        x_T = torch.randn(B, env["mc"].in_channels, latent, latent, generator=gen).to(dev)
+
+        @torch.no_grad()
+        def sample():
+            with amp_context(args):
+                context = env["text_encoder"](ids)
+                cond = dict(text=context[:B], boxes=boxes, labels=labels, box_mask=box_mask)
+                uncond = dict(cond, text=context[B:], box_mask=torch.zeros_like(box_mask))  # empty caption and layout
+                z = env["diffusion"].plms_sample(model, x_T, dc.steps, guidance_scale=dc.guidance_scale,
+                                                 cond=cond, uncond=uncond)
+                return ae.decode_latent(z)
+        oom, repeats = False, max(1, min(args.repeats, 3))
+        try:
+            if compiled is None:
+                ms, flops = measure(args, sample, repeats)
+                args.flops_by_sample[B] = flops
+            else:  # the warm-up compiles; FLOPs as counted on the eager run
+                ms, flops = time_fn(sample, repeats, dev), args.flops_by_sample.get(B)
+        except torch.cuda.OutOfMemoryError:
+            oom = True
+        if oom:
+            free_memory(dev, after_oom=True)
+            emit(args, "d", "sampling: out of memory", B)
+            break
+        px = args.sizes["image_size"]
+        what = f"{'compiled ' if compiled is not None else ''}sample {px}px, PLMS {dc.steps} + CFG + decode"
+        note = (f"latency target <= 0.3 s {'met' if ms <= 300 else 'not met'}" if B == 1
+                else f"target >= 15 img/s {'met' if B / ms * 1e3 >= 15 else 'not met'}")
+        emit(args, "d", what, B, ms, flops, note=note)
+    unet.train()
+    free_memory(dev)
+
+
+def largest_fit(probe, cap: int, stop=lambda: False) -> tuple[int, int | None, dict]:
+    """The largest batch b <= cap whose probe(b) is not None: double from 1 until one does not fit,
+    then bisect between the last that fits and the first that does not, to within 1/8 (a probe is a
+    whole forward+backward: a few probes beat an exact answer). Returns (largest that fits, 0 if
+    none; the smallest that did not, None if the cap came first; {batch: probe(batch)})."""
+    results, lo, hi, b = {}, 0, None, 1
+    while b <= cap and not stop():
+        results[b] = probe(b)
+        if results[b] is None:
+            hi = b
+            break
+        lo, b = b, b * 2
+    while hi is not None and hi - lo > max(1, lo // 8) and not stop():
+        mid = (lo + hi) // 2
+        results[mid] = probe(mid)
+        lo, hi = (mid, hi) if results[mid] is not None else (lo, mid)
+    return lo, hi, results
+
+
+def section_e(args, env: dict):
+    """Peak memory at batch 1 and the largest batch that fits, without and with checkpointing."""
+    unet, opt, dev = env["unet"], env["opt"], args.device
+    latent, tlen = env["latent"], env["tc"].max_len
+    ema_gib = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2 ** 30
+    frozen_gib = sum(p.numel() * p.element_size() for m in (env["ae"], env["text_encoder"])
+                     for p in m.parameters()) / 2 ** 30
+    state = model_state_bytes(unet, opt)
+    if dev == "cpu" and heap_bytes() is None:
+        emit(args, "e", "memory: skipped, no glibc heap statistics on this CPU")
+        return
+    free_memory(dev)
+
+    def probe(B: int, whole_step: bool = False, capped: bool = True) -> float | None:
+        """Peak GiB of one forward+backward (of a whole training step with whole_step) at batch B;
+        None when it does not fit (capped False: the CPU cap does not apply). CPU: model state
+        (weights, grads, AdamW) + the heap growth over the forward, i.e. what the forward keeps for
+        the backward, checkpoint inputs included."""
+        batch = make_batch(B, env["mc"], latent, tlen, args.boxes, env["gen"], dev)
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        fits, held, loss = True, 0, None
+        try:
+            if whole_step:
+                train_step(args, env, batch)
+            else:
+                before = heap_bytes() if dev == "cpu" else 0
+                with amp_context(args):
+                    loss = env["diffusion"].training_losses(unet, batch["x_start"], batch["t"], batch["noise"],
+                                                            text=batch["text"], boxes=batch["boxes"],
+                                                            labels=batch["labels"], box_mask=batch["box_mask"])["loss"]
+                held = heap_bytes() - before if dev == "cpu" else 0
+                loss.backward()
+        except torch.cuda.OutOfMemoryError:
+            fits = False
+        opt.zero_grad(set_to_none=True)  # outside the except: its traceback no longer holds the tensors
+        batch = loss = None
+        free_memory(dev, after_oom=not fits)
+        if not fits:
+            return None
+        if dev == "cuda":
+            return torch.cuda.max_memory_allocated() / 2 ** 30
+        gib = (state + held) / 2 ** 30
+        return gib if not capped or gib <= args.sizes["cpu_mem_cap_gib"] else None
+
+    peak1 = probe(1, whole_step=dev == "cuda", capped=False)
+    note = [f"target <= 9.4 GiB {'met' if peak1 is not None and peak1 <= 9.4 else 'not met'}"]
+    if dev == "cuda":  # they share the device in a training run; the CPU estimate counts the UNet only
+        note.append(f"autoencoder + text encoder weights {frozen_gib:.2f} GiB included")
+    note.append(f"train.py's EMA copy would add {ema_gib:.2f} GiB")
+    emit(args, "e", "peak memory, training step" if dev == "cuda" else "memory, forward+backward (CPU estimate)", 1,
+         gib=peak1, note="; ".join(note))
+    cap = args.sizes["max_batch"]
+    for ckpt in (False, True):
+        unet.cfg.use_checkpoint = ckpt
+        lo, hi, fits = largest_fit(probe, cap, lambda: over_budget(args))
+        what = "use_checkpoint" if ckpt else "no checkpointing"
+        limit = "search cap" if hi is None else ("CPU cap" if dev == "cpu" else "out of memory")
+        emit(args, "e", f"largest batch, forward+backward, {what}", lo, gib=fits.get(lo),
+             note=f"{limit} at {hi or cap}; {len(fits)} probes")
+    unet.cfg.use_checkpoint = False
+
+
+def section_f(args, env: dict, a_results: dict):
+    """The whole step with the frozen encoders against a latent cache, at pipeline_batch."""
+    ae, dev, B = env["ae"], args.device, args.sizes["pipeline_batch"]
+    tc, px, latent = env["tc"], args.sizes["image_size"], env["latent"]
+    batch = make_batch(B, env["mc"], latent, tc.max_len, args.boxes, env["gen"], dev)
+    images = (torch.rand(B, 3, px, px, generator=env["gen"]) * 2 - 1).to(dev)
+    ids = torch.randint(0, tc.vocab_size, (B, tc.max_len), generator=env["gen"]).to(dev)
+    with torch.no_grad(), amp_context(args):
+        mean, logvar = ae.encode(images)
+    std = torch.exp(0.5 * logvar)
+
+    def step(encode_images: bool):
+        with torch.no_grad(), amp_context(args):  # the frozen parts: no graph, never trained
+            if encode_images:
+                mean_, logvar_ = ae.encode(images)
+                z = ae.sample(mean_, logvar_)
+            else:
+                z = mean + std * torch.randn_like(mean)
+            text = env["text_encoder"](ids)
+        train_step(args, env, dict(batch, x_start=(z * ae.cfg.scale_factor).float(), text=text))
+    for what, encode in (("pipeline: encode images + text, then step", True),
+                         ("pipeline: latent cache, encode text, then step", False)):
+        if over_budget(args):
+            emit(args, "f", f"{what}: skipped, time budget", B)
+            continue
+        ms, flops = measure(args, lambda: step(encode))
+        emit(args, "f", f"{what} ({px}px)", B, ms, flops)
+    if B in a_results:
+        ms, flops = a_results[B]
+        emit(args, "f", "latents and text given (section a)", B, ms, flops)
+    free_memory(dev)
+
+# -----------------------------------------------------------------------------
+# section x: batched vs the original's one image at a time
+
+
+@torch.no_grad()
+def bench_layout_block(args) -> list[tuple]:
+    p, dev = args.sizes["x"], args.device
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    block = LayoutAttention(p["channels"], p["class_embed_dim"], "layout_partial_v2").to(dev).eval()
+    table = torch.nn.Embedding(p["num_classes"] + 1, p["class_embed_dim"]).to(dev)
+    B, res = p["batch"], p["res"]
+    x = torch.randn(B, p["channels"], res, res, generator=gen).to(dev)
+    boxes, labels, box_mask = (z.to(dev) for z in random_layouts(B, p["max_boxes"], p["num_classes"], gen))
+    loop = per_image(lambda i, b, l: original_layout_attention(block, x[i], b[0], l[0], table), boxes, labels, box_mask)
+    ours1 = per_image(lambda i, b, l: ours_layout_attention(block, x[i:i + 1], b, l, None, table),
+                      boxes, labels, box_mask)
+    config = f"C={p['channels']} d={p['class_embed_dim']} {res}x{res} N<={p['max_boxes']}"
+    with amp_context(args):
+        return [("layout attn: original loop", config, f"1 x{B}", time_fn(loop, args.repeats, dev)),
+                ("layout attn: ours per-image", config, f"1 x{B}", time_fn(ours1, args.repeats, dev)),
+                ("layout attn: ours batched, window", config, str(B),
+                 time_fn(lambda: ours_layout_attention(block, x, boxes, labels, box_mask, table), args.repeats, dev)),
+                ("layout attn: ours batched, masked", config, str(B),
+                 time_fn(lambda: ours_layout_attention(block, x, boxes, labels, box_mask, table, "masked"),
+                         args.repeats, dev))]
 
 
 def per_image(fn, boxes, labels, box_mask):
@@ -121,58 +809,43 @@ def per_image(fn, boxes, labels, box_mask):
 
 
 @torch.no_grad()
-def bench_layout_block(args) -> list[tuple]:
-    p, dev = args.sizes, args.device
+def bench_unet(args, env: dict | None) -> list[tuple]:
+    """UNet forward, one image at a time vs batched: the x sizes' own small UNet, or (when they
+    name none) the preset's UNet at its latent size and text length."""
+    p, dev = args.sizes["x"], args.device
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    block = LayoutAttention(p["channels"], p["class_embed_dim"], "layout_partial_v2").to(dev).eval()
-    table = torch.nn.Embedding(p["num_classes"] + 1, p["class_embed_dim"]).to(dev)
-    B, res = p["batch"], p["res"]
-    x = torch.randn(B, p["channels"], res, res, generator=gen).to(dev)
-    boxes, labels, box_mask = (z.to(dev) for z in random_layouts(B, p["max_boxes"], p["num_classes"], gen))
-    loop = per_image(lambda i, b, l: original_layout_attention(block, x[i], b[0], l[0], table), boxes, labels, box_mask)
-    ours1 = per_image(lambda i, b, l: ours_layout_attention(block, x[i:i + 1], b, l, None, table), boxes, labels, box_mask)
-    config = f"C={p['channels']} d={p['class_embed_dim']} {res}x{res} N<={p['max_boxes']}"
-    return [("layout attn: original loop", config, f"1 x{B}", time_fn(loop, args.repeats, dev)),
-            ("layout attn: ours per-image", config, f"1 x{B}", time_fn(ours1, args.repeats, dev)),
-            ("layout attn: ours batched, window", config, str(B),
-             time_fn(lambda: ours_layout_attention(block, x, boxes, labels, box_mask, table), args.repeats, dev)),
-            ("layout attn: ours batched, masked", config, str(B),
-             time_fn(lambda: ours_layout_attention(block, x, boxes, labels, box_mask, table, "masked"),
-                     args.repeats, dev))]
-
-
-@torch.no_grad()
-def bench_unet(args) -> list[tuple]:
-    p, dev = args.sizes, args.device
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    cfg = ModelConfig(model_channels=p["model_channels"], channel_mult=p["channel_mult"],
-                      attention_type="transformer", attention_resolutions=[2, 4], context_dim=p["context_dim"],
-                      layout_resolutions=[1, 2], num_classes=p["num_classes"], class_embed_dim=p["class_embed_dim"],
-                      max_objects=p["max_boxes"])
-    unet = LayoutUNet(cfg).to(dev).eval()
-    B, res = p["batch"], p["res"]
+    if "model_channels" in p:
+        cfg = ModelConfig(model_channels=p["model_channels"], channel_mult=p["channel_mult"],
+                          attention_type="transformer", attention_resolutions=[2, 4], context_dim=p["context_dim"],
+                          layout_resolutions=[1, 2], num_classes=p["num_classes"], class_embed_dim=p["class_embed_dim"],
+                          max_objects=p["max_boxes"])
+        unet, res, tokens = LayoutUNet(cfg).to(dev), p["res"], p["text_tokens"]
+    else:
+        unet, res, tokens = env["unet"], env["latent"], env["tc"].max_len
+        cfg = unet.cfg
+    unet.eval()
+    B = p["batch"]
     x_t = torch.randn(B, cfg.in_channels, res, res, generator=gen).to(dev)
     t = torch.randint(0, 1000, (B,), generator=gen).to(dev)
-    text = torch.randn(B, p["text_tokens"], p["context_dim"], generator=gen).to(dev)
-    boxes, labels, box_mask = (z.to(dev) for z in random_layouts(B, p["max_boxes"], p["num_classes"], gen))
+    text = torch.randn(B, tokens, cfg.context_dim, generator=gen).to(dev)
+    boxes, labels, box_mask = (z.to(dev) for z in random_layouts(B, p["max_boxes"], cfg.num_classes, gen))
     one = per_image(lambda i, b, l: unet(x_t[i:i + 1], t[i:i + 1], text[i:i + 1], b, l), boxes, labels, box_mask)
     mult = ",".join(map(str, cfg.channel_mult))
-    config = f"mc={cfg.model_channels} mult={mult} {res}x{res} N<={p['max_boxes']} text={p['text_tokens']}"
-    rows = [("unet: per-image", config, f"1 x{B}", time_fn(one, args.repeats, dev))]
-    for impl in ("window", "masked"):
-        unet.cfg.layout_attn_impl = impl
-        rows.append((f"unet: batched, {impl}", config, str(B),
-                     time_fn(lambda: unet(x_t, t, text, boxes, labels, box_mask), args.repeats, dev)))
-    unet.cfg.layout_attn_impl = "window"
+    config = f"mc={cfg.model_channels} mult={mult} {res}x{res} N<={p['max_boxes']} text={tokens}"
+    impl = unet.cfg.layout_attn_impl
+    with amp_context(args):
+        rows = [("unet: per-image", config, f"1 x{B}", time_fn(one, args.repeats, dev))]
+        for name in ("window", "masked"):
+            unet.cfg.layout_attn_impl = name
+            rows.append((f"unet: batched, {name}", config, str(B),
+                         time_fn(lambda: unet(x_t, t, text, boxes, labels, box_mask), args.repeats, dev)))
+    unet.cfg.layout_attn_impl = impl
+    unet.train()
     return rows
 
 
-# -----------------------------------------------------------------------------
-
-
-def print_table(groups: list[list[tuple]], B: int):
+def print_ratio_table(groups: list[list[tuple]], B: int):
     header = ("what", "config", "batch", "ms", "images/s", "ratio")
     rows = []
     for group in groups:
@@ -182,27 +855,108 @@ def print_table(groups: list[list[tuple]], B: int):
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     for r in [header] + rows:  # text columns left-aligned, numbers right-aligned
         print("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    print("ratio: speed-up over the first row of the same group; '1 xB': B batch-1 calls")
+    print("ratio: speed-up over the first row of the same group; '1 xB': B batch-1 calls", flush=True)
+
+# -----------------------------------------------------------------------------
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--preset", choices=list(PRESETS), default="default")
     parser.add_argument("--tiny", action="store_true", help="same as --preset tiny (CI smoke run)")
+    parser.add_argument("--only", default=SECTIONS, help="sections to run, e.g. a,b,d (default: all of abcdefx)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                        help="autocast dtype (default: bf16 on CUDA, fp32 on CPU, where bf16 is slow)")
+    parser.add_argument("--compile", action="store_true", help="also time the step and batch-1 sampling compiled")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend; 'eager' checks the compiled code path in seconds on a CPU")
+    parser.add_argument("--channels-last", action="store_true", help="section a's batch rows in channels_last")
+    parser.add_argument("--layout-impl", choices=["window", "masked"], default=None, help="model.layout_attn_impl")
+    parser.add_argument("--boxes", type=int, default=None, help="most boxes per random layout (default: the preset's)")
+    parser.add_argument("--minutes", type=float, default=None, help="skip what is left after this long (0: never)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (default: the preset's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the preset's, else torch's)")
-    args = parser.parse_args()
+    parser.add_argument("--clock", choices=list(CLOCK), default="wall",
+                        help="CPU only: 'process' times by this process's CPU time (a shared machine)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: the preset's, else torch's)")
+    args = parser.parse_args(argv)
     if args.tiny:
         args.preset = "tiny"
     args.sizes = PRESETS[args.preset]
+    args.only = set(args.only.replace(",", ""))
+    if not args.only <= set(SECTIONS):
+        parser.error(f"--only: unknown sections {''.join(sorted(args.only - set(SECTIONS)))} (known: {SECTIONS})")
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.repeats = args.repeats or args.sizes["repeats"]
+    args.boxes = args.boxes or args.sizes["boxes"]
+    minutes = args.sizes["minutes"] if args.minutes is None else args.minutes
+    start = time.time()
+    args.deadline = start + 60 * minutes if minutes else None
+    args.peak_tflops, args.flops_by_batch, args.flops_by_sample = None, {}, {}
+    args.trick_batch = args.sizes["trick_batch"]
     threads = args.threads or args.sizes["threads"]
     if threads:
         torch.set_num_threads(threads)
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
-          f"preset {args.preset}, median of {args.repeats}; ms per {args.sizes['batch']} images")
-    print_table([bench_layout_block(args), bench_unet(args)], args.sizes["batch"])
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.clock == "process" and (args.device == "cuda" or torch.get_num_threads() > 1):
+        parser.error("--clock process: for one CPU thread only (it adds up the CPU time of all threads)")
+    global clock
+    clock = CLOCK[args.clock]
+
+    mc, ac, tc, source = preset_configs(args.sizes)
+    if args.layout_impl:
+        mc.layout_attn_impl = args.layout_impl
+    total, trained = parameter_counts(mc)
+    print(f"# bench.py {datetime.datetime.now().isoformat(timespec='seconds')} | {device_name(args.device)} | "
+          f"torch {torch.__version__} | {torch.get_num_threads()} threads | preset {args.preset} | {args.dtype} | "
+          f"median of {args.repeats}, {args.clock} clock")
+    print(f"# UNet from {source}: {total / 1e6:.2f} M parameters, {trained / 1e6:.2f} M trained (foundation frozen); "
+          f"mc={mc.model_channels} mult={mc.channel_mult} layout at {mc.layout_resolutions} ({mc.layout_attn_impl}); "
+          f"autoencoder ch={ac.ch} f{ac.downsample_factor}; text {tc.kind} width {tc.width} x{tc.layers}; "
+          f"compile {args.compile}, channels_last {args.channels_last}", flush=True)
+
+    def progress(what: str):  # on stderr, so that stdout stays a clean table
+        print(f"[bench] {what} at {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+
+    own_x = "model_channels" in args.sizes["x"]  # the README's CPU tables: a small UNet of their own
+    if "x" in args.only and own_x:
+        print_ratio_table([bench_layout_block(args), bench_unet(args, None)], args.sizes["x"]["batch"])
+        progress("x done")
+    if not args.only & set("abcdef") and own_x:
+        return
+    env = build(args, mc, ac, tc)
+    progress("models built")
+    if "x" in args.only and not own_x:
+        print_ratio_table([bench_layout_block(args), bench_unet(args, env)], args.sizes["x"]["batch"])
+        progress("x done")
+    print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
+    if "c" in args.only:
+        section_c_peak(args)
+    a_results = {}
+    if "a" in args.only:
+        a_results = section_a(args, env)
+        args.flops_by_batch = {B: flops for B, (_, flops) in a_results.items()}
+        fitted = [B for B in a_results if B <= args.trick_batch]  # the tricks at a batch known to fit
+        args.trick_batch = max(fitted) if fitted else args.trick_batch
+        progress("a batch rows done")
+        section_a_tricks(args, env)
+        progress("a tricks done")
+    for sec, fn in (("b", section_b), ("d", section_d), ("e", section_e),
+                    ("f", lambda a, e: section_f(a, e, a_results))):
+        if sec in args.only and not over_budget(args):
+            fn(args, env)
+            progress(f"{sec} done")
+    if args.compile:  # last: compiling takes minutes, and the time budget may cut it
+        compiled = torch.compile(env["unet"], backend=args.compile_backend)
+        if "a" in args.only:
+            section_a_compiled(args, env, compiled)
+            progress("a compiled done")
+        if "d" in args.only:
+            section_d(args, env, compiled)
+            progress("d compiled done")
+    print(f"# done in {time.time() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
