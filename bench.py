@@ -83,8 +83,6 @@ from model import LayoutAttention, LayoutUNet, ModelConfig, box_regions, box_win
 from text import TEXT_PRESETS, TextConfig, build_text_encoder
 from vqvae import AutoencoderConfig, build_autoencoder
 
-ROOT = Path(__file__).resolve().parent
-
 # The original's configs/cocostuff_SD1_5.json (denoising_model.model_args and vqvae_model.model_args.ddconfig),
 # used when presets/coco_sd15.yaml is absent or does not load.
 SD15_UNET_ARGS = dict(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=2,
