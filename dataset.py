@@ -297,6 +297,9 @@ def build_dataset(cfg: DataConfig, split: str, max_objects: int, class_names: li
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}, expected one of {list(SPLITS)}")
     if cfg.name == "shapes":
+        if class_names is not None and list(class_names) != SHAPES_CLASSES:
+            raise UserError(f"train.class_names: the shapes dataset has its own {len(SHAPES_CLASSES)} classes "
+                            f"({', '.join(SHAPES_CLASSES[:3])}, ...) and cannot be relabelled")
         length = cfg.train_length if split == "train" else cfg.val_length
         return ShapesDataset(split, length=length, image_size=cfg.image_size, seed=cfg.seed, max_objects=max_objects)
     # late: real_datasets.py imports this file (make_item, DataConfig, the layout-file parser)

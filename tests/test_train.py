@@ -47,7 +47,7 @@ def test_preset_overrides_the_file_and_the_command_line_overrides_the_preset():
     ("--model.channel_mult=3", "command line: model.channel_mult: expected a list, got 3"),
     ("--model.channel_mult=[1,a]", "command line: model.channel_mult: expected int, got 'a'"),
     ("--foo.bar=1", "command line: unknown section 'foo' "
-                    "(expected one of ['model', 'autoencoder', 'diffusion', 'data', 'train'])"),
+                    "(expected one of ['model', 'autoencoder', 'diffusion', 'data', 'train', 'text'])"),
     ("--train.lr", "override '--train.lr': expected --section.key=value"),  # no '='
     ("--lr=1", "override '--lr=1': expected --section.key=value"),  # no section
 ])
@@ -61,7 +61,7 @@ def test_bad_override_is_a_user_error_naming_the_key(override, message):
     ("train:\n  lr: 0.1\n  foo: 1\n", "unknown key train.foo"),
     ("train:\n  max_steps: many\n", "train.max_steps: expected int, got 'many'"),
     ("trian:\n  lr: 0.1\n", "unknown section 'trian' (expected one of ['model', 'autoencoder', 'diffusion', "
-                            "'data', 'train'])"),
+                            "'data', 'train', 'text'])"),
     ("train:\n  lr: 0.1\n foo: 2\n", "not valid YAML (line 3, column 2): expected <block end>, "
                                      "but found '<block mapping start>'"),
     ("- a\n- b\n", "expected a mapping of sections, got list"),
