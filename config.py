@@ -9,6 +9,8 @@ else is a UserError naming the file (or "command line") and the key. Also the on
 for bad user input: the CLIs print it as one line and exit with code 2.
 """
 import dataclasses
+import os
+import sys
 import typing
 from pathlib import Path
 
@@ -116,3 +118,16 @@ def load_config(sections: dict, path: str | Path, preset: str | None = None,
 
 def config_to_dict(cfg: dict) -> dict:
     return {section: dataclasses.asdict(c) for section, c in cfg.items()}
+
+
+def run_cli(fn, *args, debug: bool = False):
+    """Run fn(*args) for a command-line entry point: a UserError becomes one line `error: ...` on
+    stderr (naming the rank under torchrun) and exit code 2; debug=True keeps the traceback."""
+    try:
+        return fn(*args)
+    except UserError as e:
+        if debug:
+            raise
+        rank = os.environ.get("RANK")
+        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -42,7 +42,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
-from config import UserError
+from config import UserError, run_cli
 
 # -----------------------------------------------------------------------------
 # the shapes dataset
@@ -714,8 +714,4 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args, rest = parser.parse_known_args()
-    try:
-        main(args, rest)
-    except UserError as e:  # one line and exit code 2, as train.py
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, args, rest)  # one line and exit code 2, as train.py

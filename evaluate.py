@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from config import UserError
-from dataset import (COLOURS, SHAPES, SHAPES_CLASSES, SPLITS, LayoutError, box_to_pixels, draw_shape, load_layouts,
+from config import UserError, run_cli
+from dataset import (COLOURS, SHAPES, SHAPES_CLASSES, SPLITS, box_to_pixels, draw_shape, load_layouts,
                      make_shapes_layout, render_shapes, save_layouts)
 from inception import FID_IMAGE_SIZE, FIDInception, load_fid_inception
 
@@ -428,13 +428,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def cli(argv: list[str] | None = None) -> None:
     """Run a sub-command; user errors print as one line and exit with code 2."""
     args = parse_args(argv)
-    try:
-        args.func(args)
-    except (UserError, LayoutError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(args.func, args, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import UserError
-from dataset import LayoutError, draw_layout, layouts_to_tensors, load_layouts, tensor_to_pil
+from config import UserError, run_cli
+from dataset import draw_layout, layouts_to_tensors, load_layouts, tensor_to_pil
 from diffusion import Diffusion
 from model import LayoutUNet
 from text import encode_captions, layout_caption, load_text_encoder
@@ -210,14 +210,7 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    debug = "--debug" in (argv if argv is not None else sys.argv)
-    try:
-        main(argv)
-    except (UserError, LayoutError) as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, argv, debug="--debug" in (argv if argv is not None else sys.argv))
 
 
 if __name__ == "__main__":

@@ -724,15 +724,7 @@ def main(argv=None):
 
 def cli(argv=None):
     """Run main, turning user errors into one line on stderr and exit code 2."""
-    debug = "--debug" in (argv if argv is not None else sys.argv)
-    try:
-        main(argv)
-    except UserError as e:
-        if debug:
-            raise
-        rank = os.environ.get("RANK")
-        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
-        sys.exit(2)
+    config.run_cli(main, argv, debug="--debug" in (argv if argv is not None else sys.argv))
 
 
 if __name__ == "__main__":

@@ -29,13 +29,12 @@ import argparse
 import json
 import pickle
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from config import UserError
+from config import UserError, run_cli
 from model import LayoutAttention, LayoutUNet, original_key_to_ours
 
 FOUNDATION_PREFIXES = {"unet": "model.diffusion_model.", "autoencoder": "first_stage_model.", "text": "cond_stage_model."}
@@ -378,13 +377,7 @@ def main(argv=None):
     c.add_argument("--allow-pickle", action="store_true", help="unpickle Python objects (only for trusted files)")
     c.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     args = p.parse_args(argv)
-    try:
-        return convert(args)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return run_cli(convert, args, debug=args.debug)
 
 
 if __name__ == "__main__":
