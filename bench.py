@@ -386,7 +386,7 @@ def build(args, mc: ModelConfig, ac: AutoencoderConfig, tc: TextConfig) -> dict:
         _, text_encoder = build_text_encoder(tc)
     train.freeze_foundation(unet)
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=args.device == "cuda")  # as train.py: one kernel for all tensors
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as train.py: one kernel (CUDA) or one parallel loop (CPU)
     dc = DiffusionConfig(linear_start=0.00085, linear_end=0.012, sampler="plms", steps=args.sizes["sample_steps"],
                          guidance_scale=7.5)  # the original's cocostuff_SD1_5 schedule and sampler
     latent = args.sizes["image_size"] // ac.downsample_factor

@@ -500,8 +500,8 @@ def main(argv=None):
             raise UserError(f"train.trainable={tc.trainable!r}, expected 'all' or 'layout'")
         ema = copy.deepcopy(unet).requires_grad_(False)
         params = [p for p in unet.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
-                                fused=device.type == "cuda")  # fused: one kernel for all tensors
+        # fused: one kernel (CUDA) or one parallel loop (CPU) for all tensors; ~5 % of a shapes step on 2 cores
+        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         step = 0
         if ckpt is not None:

@@ -109,7 +109,7 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)
         # (B, C, H, W) -> (B, 1, HW, C): one head whose dim is all C channels
-        q, k, v = (f(h).flatten(2).transpose(1, 2).unsqueeze(1) for f in (self.q, self.k, self.v))
+        q, k, v = (f(h).flatten(2).transpose(1, 2).unsqueeze(1).contiguous() for f in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(C), as the original
         h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)
