@@ -23,8 +23,10 @@ Usage:
     # 3) score
     python evaluate.py shapes --samples DIR --layouts heldout.json
 
-    # FID (folders of images; sample.py's *_boxes.png overlays are skipped)
+    # FID (folders of images; sample.py's *_boxes.png overlays are skipped; several folders are pooled)
     python evaluate.py fid --real REAL_DIR --fake DIR --inception pt_inception-2015-12-05-6726825d.pth
+    # a benchmark folder of sample.py --data (R repeats of every val layout): all repeats vs the real images
+    python evaluate.py fid --real OUT/real --fake OUT/samples/r* --inception pt_inception-2015-12-05-6726825d.pth
 
     # layout AP: detections.json = [{"image_id": 0, "category_id": "red circle", "bbox": [x, y, w, h],
     # "score": 0.9}, ...] with image_id the layout index, bbox in pixels of the 64x64 samples
@@ -231,7 +233,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def cmd_fid(args: argparse.Namespace) -> dict:
     """FID between the images of two folders."""
-    real, fake = list_images(args.real), list_images(args.fake)  # check both before the slow part
+    # several folders pool their images (sample.py --data --repeats R: --fake OUT/samples/r*)
+    real = [p for folder in args.real for p in list_images(folder)]  # check both before the slow part
+    fake = [p for folder in args.fake for p in list_images(folder)]
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
@@ -245,7 +249,8 @@ def cmd_fid(args: argparse.Namespace) -> dict:
     model = load_fid_inception(args.inception).to(device)
     stats = []
     for name, paths in (("real", real), ("fake", fake)):
-        print(f"{name}: {len(paths)} images in {Path(paths[0]).parent}")
+        folders = sorted({str(Path(p).parent) for p in paths})
+        print(f"{name}: {len(paths)} images in {', '.join(folders)}")
         stats.append(fid_statistics(paths, model, args.batch_size, device))
     scores = dict(fid=frechet_distance(*stats[0], *stats[1]), n_real=len(real), n_fake=len(fake))
     print(json.dumps(scores, indent=1))
@@ -400,8 +405,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.set_defaults(func=cmd_heldout)
 
     p = commands.add_parser("fid", parents=[common], help="FID between two image folders (pytorch-fid protocol)")
-    p.add_argument("--real", type=str, required=True, help="folder of real images")
-    p.add_argument("--fake", type=str, required=True, help="folder of generated images (*_boxes.png are skipped)")
+    p.add_argument("--real", type=str, nargs="+", required=True, help="folder(s) of real images (pooled)")
+    p.add_argument("--fake", type=str, nargs="+", required=True,
+                   help="folder(s) of generated images, pooled (*_boxes.png are skipped)")
     p.add_argument("--inception", type=str, required=True,
                    help="pytorch-fid's FID Inception weights, pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--batch-size", type=int, default=50)

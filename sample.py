@@ -6,37 +6,57 @@ Draw images for layouts with a trained LayoutDiffuse checkpoint.
     python sample.py --layout L.json --ckpt LD_SD1_5.ckpt --preset coco_sd15 --allow-pickle   # a released model
     python sample.py --layout L.json --ckpt runs/coco_sd15/last.pt --negative-prompt "blurry, low quality"
     python sample.py --seg-mask 0.png 1.png --ckpt runs/celeb_mask/last.pt        # segmentation-mask models
+    # benchmark sampling: every layout of a dataset split, 5 images each, on 8 GPUs, resumable
+    torchrun --nproc_per_node=8 sample.py --ckpt runs/coco/last.pt --data coco --split val --repeats 5 --out bench_coco
 
 The layout file holds one layout or a list, each
     {"caption": "optional text", "objects": [{"label": "red circle", "bbox": [x, y, w, h]}, ...]}
 with x, y the top-left corner and w, h the size, all fractions of the image; or, as the original
 repo's demo, a text file with one `x,y,w,h,class name` line per object. For layout i this writes
 OUT/{i:04d}.png and OUT/{i:04d}_boxes.png (with `_{k}` before the extension when --n > 1).
-The same seed gives the same images, whatever the batch size. A bad layout file is reported in
+The same seed gives the same images, whatever the batch size (up to float rounding: other batch
+companions change the padding, which can move a rare pixel by one level). A bad layout file is reported in
 one line (file, layout, object, field) with exit code 2, before anything is written.
 
 Text models (text.kind of the checkpoint's config) condition on the layout's caption made as in
 training: the caption, then the class names of its boxes (text.append_labels); a layout without a
 caption gets the class names alone. Classifier-free guidance contrasts that with the empty layout
 and the negative prompt (--negative-prompt, default text.negative_prompt, "" as SD/LDM trained).
+Benchmark sampling (--data NAME) draws the whole --split of a dataset (data.name; the other data.*
+settings are the checkpoint's, changed with --data.KEY=VALUE, e.g. --data.root=/data/coco) into a
+folder that holds all an evaluation needs:
+    OUT/benchmark.json        the settings (a resumed run must match them)
+    OUT/layouts.json          layout i of the split, in the layout-file format above (with its caption)
+    OUT/real/{i:04d}.png      its ground-truth image, at data.image_size, as the model saw it (val: no augmentation)
+    OUT/masks/{i:04d}.png     its label mask (segmentation models)
+    OUT/samples/r{r}/{i:04d}.png   repeat r = 0..R-1 of layout i, from noise number i * R + r: for a
+                              model without text, the image {i:04d}_{r}.png of
+                              `sample.py --layout OUT/layouts.json --n R` (up to float rounding)
+Under torchrun, process p takes the layouts i with i % world == p; files that exist are skipped, so a
+killed run resumes where it stopped (with any number of processes). Text models get the training
+caption of each image (data.caption). Then: evaluate.py fid --real OUT/real --fake OUT/samples/r*
 A released LayoutDiffuse checkpoint (the original's Lightning file: denoise_fn./vqvae_fn./text_fn.)
 is read directly with the preset of its setup; its class names come from the preset's
 train.class_names, and its class count from the file.
 """
 import argparse
+import dataclasses
+import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from config import UserError, run_cli
-from dataset import draw_layout, layouts_to_tensors, load_layouts, tensor_to_pil
+from config import UserError, config_to_dict, run_cli
+from dataset import build_dataset, draw_layout, layouts_to_tensors, load_layouts, save_layouts, tensor_to_pil
 from diffusion import Diffusion
 from model import LayoutUNet
 from text import encode_captions, layout_caption, load_text_encoder
-from train import check_text_config, load_config, read_class_names, unconditional
+from train import check_text_config, load_config, read_class_names, setup_distributed, unconditional
 from vqvae import build_autoencoder
 from weights import (RELEASED_PREFIXES, as_state_dict, find_text_weights, fit_class_names, read_file,
                      released_modules, released_to_ours)
@@ -66,8 +86,18 @@ def parse_args(argv=None):
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--allow-pickle", action="store_true", help="unpickle Python objects (released Lightning files; "
                    "only files you trust)")
+    p.add_argument("--data", default=None, help="benchmark sampling: every layout of this dataset's --split (data.name: "
+                   "coco, vg, coco_format, folder, celebamask, shapes), settings from the checkpoint's data section "
+                   "changed with --data.KEY=VALUE (e.g. --data.root=/data/coco)")
+    p.add_argument("--split", choices=["val", "train"], default="val", help="with --data: the split to draw")
+    p.add_argument("--repeats", type=int, default=1, help="with --data: images per layout")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    return p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    unknown = [a for a in rest if not (a.startswith("--data.") and "=" in a)]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)} (only --data.KEY=VALUE overrides are accepted)")
+    args.data_overrides = rest
+    return args
 
 
 def load_model(ckpt_path: str, device, use_ema: bool = True, preset: str | None = None, allow_pickle: bool = False,
@@ -125,7 +155,6 @@ def layout_prompt(layout: dict, class_names: list[str], append_labels: bool = Tr
 def read_seg_mask(path: str, size: int, num_classes: int) -> torch.Tensor:
     """A label-mask PNG (CelebAMask-HQ's g_mask.py output: one class index a pixel, 255 = ignore) ->
     (size, size) int64, resized with nearest neighbours as the original's masks."""
-    from PIL import Image
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P"):
@@ -153,14 +182,54 @@ def save_png(image, path: Path):
     os.replace(tmp, path)
 
 
-@torch.no_grad()
-def main(argv=None):
-    args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    unet, ae, diffusion, cfg, class_names, text = load_model(args.ckpt, device, not args.no_ema, args.preset,
-                                                             args.allow_pickle, args.text_weights)
-    dc = cfg["diffusion"]
+@dataclass
+class Drawer:
+    """A loaded model with its sampling settings: draws batches of images for layouts."""
+    unet: LayoutUNet
+    ae: torch.nn.Module
+    diffusion: Diffusion
+    cfg: dict
+    text: tuple | None        # (tokenizer, frozen encoder) of a text model
+    negative_text: torch.Tensor | None  # the encoded negative prompt (text models)
+    steps: int
+    guidance: float
+    sampler: str              # ddim | plms
+    seed: int
+    n: int                    # images per layout: image k of layout i starts from noise number i * n + k
+    batch_size: int
+    device: torch.device
+
+    @torch.no_grad()
+    def batches(self, layouts: list[dict], jobs: list[tuple[int, int]], prompts: list[str] | None = None,
+                masks: dict | None = None):
+        """jobs: (layout index, image index k) pairs. prompts[i]: the text of layout i (text models);
+        masks[i]: its (size, size) label mask (segmentation models). Yields (jobs of the batch,
+        images (B, 3, H, W) in [-1, 1] on the CPU, boxes, labels, box_mask) batch by batch."""
+        cfg = self.cfg
+        f, size = cfg["autoencoder"].downsample_factor, cfg["data"].image_size
+        latent_shape = (cfg["autoencoder"].embed_dim, size // f, size // f)
+        sample = self.diffusion.plms_sample if self.sampler == "plms" else self.diffusion.ddim_sample
+        for start in range(0, len(jobs), self.batch_size):
+            batch = jobs[start:start + self.batch_size]
+            boxes, labels, box_mask = (t.to(self.device) for t in layouts_to_tensors([layouts[i] for i, _ in batch],
+                                                                                      cfg["model"].max_objects))
+            n = max(1, int(box_mask.sum(1).max()))  # no need to carry all-padding columns
+            cond = {"boxes": boxes[:, :n], "labels": labels[:, :n], "box_mask": box_mask[:, :n]}
+            if masks is not None:
+                cond["seg_mask"] = torch.stack([masks[i] for i, _ in batch]).to(self.device)
+            uncond = unconditional(cond)  # the empty layout
+            if self.text is not None:
+                cond["text"] = encode_captions(*self.text, [prompts[i] for i, _ in batch], self.device)
+                uncond = unconditional(cond, self.negative_text)  # the empty layout and the negative prompt
+            x_T = torch.stack([initial_noise(latent_shape, self.seed, i * self.n + k) for i, k in batch]).to(self.device)
+            z = sample(self.unet, x_T, self.steps, eta=cfg["diffusion"].eta, guidance_scale=self.guidance,
+                       cond=cond, uncond=uncond)
+            yield batch, self.ae.decode_latent(z.float()).cpu(), boxes.cpu(), labels.cpu(), box_mask.cpu()
+
+
+def sample_layouts(args, drawer: Drawer, class_names: list[str], rank: int, world: int):
+    """--layout / --seg-mask: OUT/{i:04d}.png and OUT/{i:04d}_boxes.png for each layout."""
+    cfg = drawer.cfg
     masks = None
     if args.seg_mask:  # validate before writing anything
         if cfg["model"].layout_attn_type != "segmentation":
@@ -170,43 +239,139 @@ def main(argv=None):
     elif args.layout:
         layouts = load_layouts(args.layout, class_names, cfg["model"].max_objects)
     else:
-        raise UserError("give --layout (box layouts) or --seg-mask (segmentation models)")
-    if args.n < 1 or args.batch_size < 1:
-        raise UserError(f"--n and --batch-size must be at least 1, got {args.n} and {args.batch_size}")
-    steps, guidance = args.steps or dc.steps, dc.guidance_scale if args.guidance is None else args.guidance
-    sampler = diffusion.plms_sample if (args.sampler or dc.sampler) == "plms" else diffusion.ddim_sample
-    f = cfg["autoencoder"].downsample_factor
-    size = cfg["data"].image_size
-    latent_shape = (cfg["autoencoder"].embed_dim, size // f, size // f)
-    if text is not None:  # the unconditional text of guidance, encoded once
-        negative = cfg["text"].negative_prompt if args.negative_prompt is None else args.negative_prompt
-        negative_text = encode_captions(*text, [negative], device)
+        raise UserError("give --layout (box layouts), --seg-mask (segmentation models) or --data (a dataset split)")
+    prompts = [layout_prompt(layout, class_names, cfg["text"].append_labels) for layout in layouts]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(i, k) for i in range(len(layouts)) for k in range(args.n)]  # one job = one image
-    for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start:start + args.batch_size]
-        boxes, labels, box_mask = (t.to(device) for t in layouts_to_tensors([layouts[i] for i, _ in batch],
-                                                                             cfg["model"].max_objects))
-        n = max(1, int(box_mask.sum(1).max()))  # no need to carry all-padding columns
-        cond = {"boxes": boxes[:, :n], "labels": labels[:, :n], "box_mask": box_mask[:, :n]}
-        if masks is not None:
-            cond["seg_mask"] = torch.stack([masks[i] for i, _ in batch]).to(device)
-        uncond = unconditional(cond)  # the empty layout
-        if text is not None:
-            prompts = [layout_prompt(layouts[i], class_names, cfg["text"].append_labels) for i, _ in batch]
-            cond["text"] = encode_captions(*text, prompts, device)
-            uncond = unconditional(cond, negative_text)  # the empty layout and the negative prompt
-        x_T = torch.stack([initial_noise(latent_shape, args.seed, i * args.n + k) for i, k in batch]).to(device)
-        z = sampler(unet, x_T, steps, eta=dc.eta, guidance_scale=guidance, cond=cond, uncond=uncond)
-        images = ae.decode_latent(z.float()).cpu()
+    mine = jobs[rank::world]  # under torchrun each process draws every world-th image
+    done = 0
+    for batch, images, boxes, labels, box_mask in drawer.batches(layouts, mine, prompts, masks):
         for j, (i, k) in enumerate(batch):
             stem = f"{i:04d}" if args.n == 1 else f"{i:04d}_{k}"
             pil = tensor_to_pil(images[j])
             save_png(pil, out / f"{stem}.png")
-            save_png(draw_layout(pil, boxes[j].cpu(), labels[j].cpu(), box_mask[j].cpu(), class_names),
-                     out / f"{stem}_boxes.png")
-        print(f"{min(start + args.batch_size, len(jobs))}/{len(jobs)} images written to {out}")
+            save_png(draw_layout(pil, boxes[j], labels[j], box_mask[j], class_names), out / f"{stem}_boxes.png")
+        done += len(batch)
+        if rank == 0:
+            print(f"{done}/{len(mine)} images written to {out}" + (f" (process 0 of {world})" if world > 1 else ""))
+
+
+def benchmark_settings(args, drawer: Drawer, data_cfg, n_items: int) -> dict:
+    """What the images of a benchmark folder depend on; a resumed run must match it."""
+    return {"checkpoint": str(Path(args.ckpt).resolve()), "preset": args.preset, "ema": not args.no_ema,
+            "split": args.split, "items": n_items, "repeats": args.repeats, "seed": args.seed, "steps": drawer.steps,
+            "sampler": drawer.sampler, "guidance": drawer.guidance, "negative_prompt": args.negative_prompt,
+            "data": dataclasses.asdict(data_cfg)}
+
+
+def sample_benchmark(args, drawer: Drawer, class_names: list[str], rank: int, world: int):
+    """--data NAME: every layout of the dataset's --split, --repeats images each, as a self-contained
+    evaluation folder (see the module docstring). Process r of a torchrun job takes the layouts
+    i with i % world == r (their ground truth and all their repeats); files that exist are skipped,
+    so an interrupted run continues where it stopped, with any number of processes."""
+    import torch.distributed as dist
+    cfg = drawer.cfg
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
+    data_cfg = load_config(base=config_to_dict(cfg), overrides=[f"--data.name={args.data}", *args.data_overrides])["data"]
+    # labels as the checkpoint's classes; a class the model does not know is an error naming it
+    dataset = build_dataset(data_cfg, args.split, cfg["model"].max_objects, class_names)
+    if len(dataset) == 0:
+        raise UserError(f"data.name={args.data}: the {args.split} split has no images after the filters")
+    out = Path(args.out)
+    settings = benchmark_settings(args, drawer, data_cfg, len(dataset))
+    manifest = out / "benchmark.json"
+    if manifest.is_file():  # resuming: the same settings, or the folder would mix two benchmarks
+        old = json.loads(manifest.read_text())
+        for key, value in settings.items():
+            if old.get(key) != value:
+                raise UserError(f"{manifest}: this folder was sampled with {key}={old.get(key)!r}, this run has "
+                                f"{value!r}; use another --out (or the same settings to resume)")
+    segmentation = cfg["model"].layout_attn_type == "segmentation"
+    if rank == 0:
+        for sub in ["real"] + ["masks"] * segmentation + [f"samples/r{r}" for r in range(args.repeats)]:
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(manifest, json.dumps(settings, indent=1) + "\n")
+    if world > 1:
+        dist.barrier()
+
+    # this process's layouts: read once from the dataset (deterministic for val), ground truth written
+    mine = list(range(rank, len(dataset), world))
+    layouts, prompts, masks = {}, {}, {}
+    for i in mine:
+        item = dataset[i]
+        # boxes rounded as layouts.json stores them: sample.py --layout OUT/layouts.json --n R draws the same
+        objects = [(int(label), [round(float(v), 6) for v in box])
+                   for label, box, keep in zip(item["labels"], item["boxes"], item["box_mask"]) if keep]
+        layouts[i] = {"caption": item.get("caption"), "objects": objects}
+        prompts[i] = item.get("caption") or ""  # the training caption (data.caption), labels already in it
+        if not (out / "real" / f"{i:04d}.png").exists():
+            save_png(tensor_to_pil(item["image"]), out / "real" / f"{i:04d}.png")
+        if segmentation:
+            masks[i] = item["seg_mask"].long()
+            if not (out / "masks" / f"{i:04d}.png").exists():
+                save_png(Image.fromarray(item["seg_mask"].numpy().astype(np.uint8), "L"), out / "masks" / f"{i:04d}.png")
+    if world > 1:  # every layout to process 0, which writes the layout file
+        parts = [None] * world
+        dist.all_gather_object(parts, layouts)
+        layouts_all = {i: layout for part in parts for i, layout in part.items()}
+    else:
+        layouts_all = layouts
+    if rank == 0:
+        save_layouts(out / "layouts.json", [layouts_all[i] for i in range(len(dataset))], class_names)
+
+    jobs = [(i, r) for i in mine for r in range(args.repeats) if not (out / f"samples/r{r}/{i:04d}.png").exists()]
+    skipped = len(mine) * args.repeats - len(jobs)
+    done = 0
+    for batch, images, *_ in drawer.batches(layouts, jobs, prompts, masks if segmentation else None):
+        for j, (i, r) in enumerate(batch):
+            save_png(tensor_to_pil(images[j]), out / f"samples/r{r}/{i:04d}.png")
+        done += len(batch)
+        if rank == 0:
+            print(f"{done}/{len(jobs)} images drawn" + (f" by process 0 of {world}" if world > 1 else ""), flush=True)
+    counts = torch.tensor([done, skipped])
+    if world > 1:
+        dist.all_reduce(counts)
+    if rank == 0:
+        print(f"benchmark {args.data}/{args.split}: {len(dataset)} layouts x {args.repeats} repeats in {out} "
+              f"({counts[0]} drawn now, {counts[1]} were there); layouts.json, real/, samples/r*/")
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.n < 1 or args.batch_size < 1:
+        raise UserError(f"--n and --batch-size must be at least 1, got {args.n} and {args.batch_size}")
+    if args.data and (args.layout or args.seg_mask):
+        raise UserError("--data samples a dataset split: give it without --layout / --seg-mask")
+    rank, _, world, device = setup_distributed(args.device)
+    try:
+        unet, ae, diffusion, cfg, class_names, text = load_model(args.ckpt, device, not args.no_ema, args.preset,
+                                                                 args.allow_pickle, args.text_weights)
+        dc = cfg["diffusion"]
+        negative_text = None
+        if text is not None:  # the unconditional text of guidance, encoded once
+            negative = cfg["text"].negative_prompt if args.negative_prompt is None else args.negative_prompt
+            negative_text = encode_captions(*text, [negative], device)
+        drawer = Drawer(unet, ae, diffusion, cfg, text, negative_text, steps=args.steps or dc.steps,
+                        guidance=dc.guidance_scale if args.guidance is None else args.guidance,
+                        sampler=args.sampler or dc.sampler, seed=args.seed,
+                        n=args.repeats if args.data else args.n, batch_size=args.batch_size, device=device)
+        if args.data:
+            sample_benchmark(args, drawer, class_names, rank, world)
+        else:
+            sample_layouts(args, drawer, class_names, rank, world)
+        if world > 1:
+            torch.distributed.barrier()  # leave together
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def cli(argv=None):

@@ -390,14 +390,14 @@ def parse_args(argv=None):
     return args
 
 
-def setup_distributed(tc: TrainConfig):
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them this is a single process."""
+def setup_distributed(device: str = "auto"):
+    """-> (rank, local rank, world size, torch.device). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE;
+    without them this is a single process. device: auto | cpu | cuda."""
     if "RANK" not in os.environ:
-        device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if tc.device == "auto" else tc.device))
-        return 0, 0, 1, device
+        return 0, 0, 1, torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                     ("cpu" if device == "auto" else device))
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    use_cuda = tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(local_rank)  # the LOCAL rank: global ranks exceed the GPU count on node 2+
     # a bounded timeout: if a rank dies the others fail with an error instead of hanging forever
@@ -419,7 +419,7 @@ def main(argv=None):
         cfg = load_config(base=ckpt["config"], overrides=args.overrides)
     tc, dc = cfg["train"], cfg["diffusion"]
     check_text_config(cfg)  # before anything is written
-    rank, local_rank, world, device = setup_distributed(tc)
+    rank, local_rank, world, device = setup_distributed(tc.device)
     master, writer = rank == 0, None
     try:
         out_dir = Path(tc.out_dir)

@@ -382,3 +382,71 @@ def test_layout_ap_without_pycocotools_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "pycocotools.coco", None)
     with pytest.raises(UserError, match="pip install pycocotools"):
         layout_ap(AP_LAYOUTS, [], AP_CLASSES, 100)
+
+# -----------------------------------------------------------------------------
+# the whole benchmark path, tiny: a COCO-format dataset -> train.py -> sample.py --data on two
+# processes -> evaluate.py
+
+
+def write_coco_format_shapes(root, split: str, n: int, seed: int, size: int = 32) -> list[dict]:
+    """A COCO-format copy of n shapes images: ROOT/{split}/NNNNN.png and ROOT/{split}.json (boxes in
+    pixels, categories = the 12 shapes classes with ids 1..12). Returns the layouts, in image order."""
+    from dataset import write_folder
+    folder = root / split
+    write_folder(folder, n, seed=seed, image_size=size)  # NNNNN.png + NNNNN.json
+    images, anns, layouts = [], [], []
+    for k, js in enumerate(sorted(folder.glob("*.json"))):
+        layout = json.loads(js.read_text())
+        images.append({"id": k + 1, "file_name": js.stem + ".png", "width": size, "height": size})
+        for o in layout["objects"]:
+            anns.append({"id": len(anns) + 1, "image_id": k + 1, "category_id": SHAPES_CLASSES.index(o["label"]) + 1,
+                         "bbox": [v * size for v in o["bbox"]], "iscrowd": 0})
+        js.unlink()  # only the JSON of the split describes the images
+        layouts.append(layout)
+    categories = [{"id": c + 1, "name": name} for c, name in enumerate(SHAPES_CLASSES)]
+    (root / f"{split}.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
+    return layouts
+
+
+@pytest.mark.slow
+def test_end_to_end_coco_format_train_sample_two_processes_evaluate(tmp_path, run_cli):
+    import subprocess
+    from conftest import ROOT, cli_env
+    root = tmp_path / "coco"
+    write_coco_format_shapes(root, "train", 24, seed=0)
+    val = write_coco_format_shapes(root, "val", 4, seed=1)
+    run = tmp_path / "run"
+    proc = run_cli("train.py", "--preset", "tiny", f"--train.out_dir={run}", "--data.name=coco_format",
+                   f"--data.root={root}/{{split}}", f"--data.ann_file={root}/{{split}}.json", "--data.min_objects=1",
+                   "--train.max_steps=3", "--train.ae_steps=2", "--train.sample_every=100", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # benchmark sampling of the val split on two processes, the data settings from the checkpoint
+    bench = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "sample.py", "--ckpt", str(run / "last.pt"), "--data", "coco_format", "--repeats", "2",
+                           "--batch-size", "4", "--out", str(bench)],
+                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = load_layouts(bench / "layouts.json", SHAPES_CLASSES, 8)
+    assert len(written) == 4
+    for got, want in zip(written, val, strict=True):  # the val images' boxes, in order, labels by name
+        assert [SHAPES_CLASSES[label] for label, _ in got["objects"]] == [o["label"] for o in want["objects"]]
+        np.testing.assert_allclose([box for _, box in got["objects"]], [o["bbox"] for o in want["objects"]], atol=1e-5)
+    for i in range(4):  # the ground truth is the val image itself (32x32 already: no resize)
+        assert np.array_equal(np.asarray(Image.open(bench / f"real/{i:04d}.png").convert("RGB")),
+                              np.asarray(Image.open(root / "val" / f"{i:05d}.png").convert("RGB")))
+
+    # FID of all repeats against the real images (random Inception weights: only the plumbing is
+    # checked), and the shapes score of one repeat against the written layouts
+    inception = tmp_path / "pt_inception-random.pth"
+    torch.save(_random_fid_state(0), inception)
+    cli(["fid", "--real", str(bench / "real"), "--fake", str(bench / "samples/r0"), str(bench / "samples/r1"),
+         "--inception", str(inception), "--device", "cpu", "--json", str(tmp_path / "fid.json")])
+    fid = json.loads((tmp_path / "fid.json").read_text())
+    assert fid["n_real"] == 4 and fid["n_fake"] == 8 and np.isfinite(fid["fid"]) and fid["fid"] > 0
+    cli(["shapes", "--samples", str(bench / "samples/r0"), "--layouts", str(bench / "layouts.json"),
+         "--json", str(tmp_path / "shapes.json")])
+    shapes = json.loads((tmp_path / "shapes.json").read_text())
+    assert shapes["n_boxes"] == sum(len(layout["objects"]) for layout in val)
+    assert 0.0 <= shapes["box_accuracy"] <= 1.0
