@@ -374,3 +374,20 @@ def test_benchmark_sampling_two_processes_resumes(tiny_run, tmp_path):
         f"error: {out / 'benchmark.json'}: this folder was sampled with guidance=2.0, this run has 3.0; "
         f"use another --out (or the same settings to resume)"]
     assert all(p.stat().st_mtime_ns == t for p, t in before.items() if p != gone)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "nosuch"], "config: data.name='nosuch', expected one of"),
+    (["--data", "coco"], "data.root='': folder not found (data.name=coco reads its files from there)"),
+    (["--data", "shapes", "--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["--data", "shapes", "--data.nosuch=1"], "command line: unknown key data.nosuch"),
+    (["--data", "shapes", "--layout", "x.json"], "--data samples a dataset split: give it without --layout / --seg-mask"),
+])
+def test_benchmark_bad_arguments_exit_2_and_write_nothing(tiny_run, tmp_path, capsys, args, message):
+    out = tmp_path / "bench"
+    with pytest.raises(SystemExit) as e:
+        cli(["--ckpt", str(tiny_run / "last.pt"), "--out", str(out), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
