@@ -78,23 +78,46 @@ def _can_batch(cond: dict, uncond: dict) -> bool:
     return True
 
 
-def guided_output(model_fn, x, t, cond: dict, uncond: dict | None, guidance_scale: float):
-    """Model output with classifier-free guidance (Ho & Salimans 2022):
-    out = out_uncond + s * (out_cond - out_uncond).
+def guided_model(model_fn, shape, cond: dict, uncond: dict | None, guidance_scale: float):
+    """(x, t) -> model output with classifier-free guidance (Ho & Salimans 2022),
+    out = out_uncond + s * (out_cond - out_uncond), for inputs of `shape` (B, C, H, W).
 
-    With s == 1 (or no uncond) only the conditional call is made. Otherwise both branches go
-    through ONE model call of batch 2B, cond first, when every kwarg can be concatenated;
-    if not (e.g. a negative prompt of another token length) two calls, cond first, as the
-    original does. Output in float32 even if the model ran under autocast."""
-    if uncond is None or guidance_scale == 1.0:
-        return model_fn(x, t, **cond).float()
+    The conditioning is prepared once, for every step of a sampling run: with s == 1 (or no
+    uncond) only the conditional branch runs; otherwise both go through ONE model call of batch 2B,
+    cond first, with the kwargs concatenated here, when every kwarg can be (if not, e.g. a negative
+    prompt of another token length, two calls, cond first, as the original does). A model with a
+    prepare_condition method (LayoutUNet) also turns its kwargs into what its forward needs: the
+    layout maps are built once instead of at every step, and their one host sync with them.
+    Output in float32 even if the model ran under autocast."""
+    prepare = getattr(model_fn, "prepare_condition", None)
+
+    def bind(kwargs: dict, batch: int):
+        if prepare is not None:
+            kwargs = prepare((batch, *shape[1:]), **kwargs)
+        return lambda x, t: model_fn(x, t, **kwargs).float()
+
+    B, s = shape[0], guidance_scale
+    if uncond is None or s == 1.0:
+        return bind(cond, B)
     if _can_batch(cond, uncond):
-        kwargs = {k: None if cond[k] is None else torch.cat([cond[k], uncond[k]]) for k in cond}
-        out_cond, out_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), **kwargs).float().chunk(2)
-    else:
-        out_cond = model_fn(x, t, **cond).float()
-        out_uncond = model_fn(x, t, **uncond).float()
-    return out_uncond + guidance_scale * (out_cond - out_uncond)
+        both = bind({k: None if cond[k] is None else torch.cat([cond[k], uncond[k]]) for k in cond}, 2 * B)
+
+        def guided(x, t):
+            out_cond, out_uncond = both(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
+            return out_uncond + s * (out_cond - out_uncond)
+        return guided
+    model_cond, model_uncond = bind(cond, B), bind(uncond, B)
+
+    def two_calls(x, t):
+        out_cond = model_cond(x, t)  # cond first
+        out_uncond = model_uncond(x, t)
+        return out_uncond + s * (out_cond - out_uncond)
+    return two_calls
+
+
+def guided_output(model_fn, x, t, cond: dict, uncond: dict | None, guidance_scale: float):
+    """The guided model output at one (x, t): guided_model for a single evaluation."""
+    return guided_model(model_fn, x.shape, cond, uncond, guidance_scale)(x, t)
 
 # -----------------------------------------------------------------------------
 # the diffusion process
@@ -223,11 +246,6 @@ class Diffusion:
 
     # --- samplers ---
 
-    def _eps(self, model_fn, x, t, cond, uncond, guidance_scale):
-        """Guided eps at (x, t); a v prediction is converted first (guidance is linear, so
-        guiding v then converting equals converting both branches)."""
-        out = guided_output(model_fn, x, t, cond or {}, uncond, guidance_scale)
-        return out if self.cfg.parameterization == "eps" else self.predict_noise_from_v(x, t, out)
 
     @staticmethod
     def _ddim_step(x, eps, a_t, a_prev, sigma, noise):
@@ -248,9 +266,14 @@ class Diffusion:
         order = co["timesteps"].flip(0).tolist()  # descending, as python ints (CPU, no syncs)
         n = len(order)
 
+        model = guided_model(model_fn, x_T.shape, cond or {}, uncond, guidance_scale)  # prepared once
+
         def eps_at(x, step):
+            """Guided eps at (x, step); a v prediction is converted after guidance (guidance is
+            linear, so guiding v then converting equals converting both branches)."""
             t = torch.full((B,), step, device=device, dtype=torch.int64)
-            return self._eps(model_fn, x, t, cond, uncond, guidance_scale)
+            out = model(x, t)
+            return out if self.cfg.parameterization == "eps" else self.predict_noise_from_v(x, t, out)
 
         def step_fn(x, eps, i):
             noise = None if eta == 0 else torch.randn(x.shape, generator=generator, device=device)

@@ -293,3 +293,33 @@ def test_ddim_timesteps_count_is_exact_for_non_divisors():
     assert d.ddim_timesteps(3).tolist() == [1, 334, 667]
     assert len(d.ddim_timesteps(300)) == 300 and d.ddim_timesteps(300).max() < 1000
     assert d.ddim_timesteps(20).tolist() == list(range(1, 1000, 50))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "plms"])
+def test_layout_maps_built_once_per_sampling_run(sampler, monkeypatch):
+    """LayoutUNet.prepare_condition: the sampler builds the layout maps once for all its steps
+    (and so the window impl's host sync happens once), with the same result as building them at
+    every step (a plain function wrapping the model has no prepare_condition)."""
+    from model import LayoutUNet, ModelConfig
+    torch.manual_seed(0)
+    unet = LayoutUNet(ModelConfig(model_channels=32, channel_mult=[1, 2], attention_resolutions=[2], num_heads=2,
+                                  layout_resolutions=[1, 2], class_embed_dim=8, num_classes=5, max_objects=3)).eval()
+    for p in unet.parameters():  # the zero-initialised outputs would hide the layout
+        p.data.normal_(0, 0.2)
+    d = Diffusion(DiffusionConfig())
+    B = 2
+    x_T = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = {"boxes": torch.tensor([[[0.1, 0.1, 0.5, 0.4], [0.5, 0.5, 0.4, 0.4]]] * B),
+            "labels": torch.tensor([[1, 3]] * B), "box_mask": torch.tensor([[True, True], [True, False]])}
+    uncond = {**cond, "box_mask": torch.zeros(B, 2, dtype=torch.bool)}
+    calls = []
+    real = LayoutUNet.layout_maps
+    monkeypatch.setattr(LayoutUNet, "layout_maps", lambda self, *a, **k: calls.append(a[0]) or real(self, *a, **k))
+    sample = getattr(d, f"{sampler}_sample")
+    prepared = sample(unet, x_T, 4, guidance_scale=3.0, cond=cond, uncond=uncond)
+    assert calls == [2 * B]  # once, for the batched cond + uncond
+    calls.clear()
+    every_step = sample(lambda x, t, **kw: unet(x, t, **kw), x_T, 4, guidance_scale=3.0, cond=cond, uncond=uncond)
+    assert calls == [2 * B] * (5 if sampler == "plms" else 4)
+    assert torch.equal(prepared, every_step)
+    assert not torch.equal(prepared, sample(unet, x_T, 4, guidance_scale=3.0, cond=uncond, uncond=uncond))
