@@ -80,7 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--negative-prompt", default=None, help="unconditional text for guidance (default: text.negative_prompt)")
     p.add_argument("--text-weights", default=None, help="text-encoder weights (default: text.weights or train.init_from "
                    "of the checkpoint's config)")
-    p.add_argument("--n", type=int, default=1, help="images per layout")
+    p.add_argument("--n", "--images-per-layout", dest="n", type=int, default=1,
+                   help="images per layout (under torchrun write --images-per-layout: torchrun reads --n as its own)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")

@@ -348,9 +348,14 @@ def test_benchmark_sampling_two_processes_resumes(tiny_run, tmp_path):
         np.testing.assert_allclose([box for _, box in layout["objects"]], [box for _, box in expected], atol=1e-6)
         assert np.array_equal(pixels(out / f"real/{i:04d}.png"), np.asarray(tensor_to_pil(val[i]["image"])))
 
-    # the two processes drew what one process draws from the written layout file: repeat r of
-    # layout i is sample.py --layout layouts.json --n 2's image {i}_{r}
-    cli(["--layout", str(out / "layouts.json"), "--ckpt", str(ckpt), "--n", "2", "--out", str(tmp_path / "plain")])
+    # what the layout file gives plain sampling (split over two processes too): repeat r of layout
+    # i is sample.py --layout layouts.json --n 2's image {i}_{r}
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sample.py",
+                "--layout", str(out / "layouts.json"), "--ckpt", str(ckpt), "--images-per-layout", "2",  # = --n 2
+                "--out", str(tmp_path / "plain")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == sorted(
+        f"{i:04d}_{r}{suffix}.png" for i in range(5) for r in (0, 1) for suffix in ("", "_boxes"))
     for i in range(5):
         for r in (0, 1):
             assert same_up_to_rounding(pixels(out / f"samples/r{r}/{i:04d}.png"), pixels(tmp_path / f"plain/{i:04d}_{r}.png"))
