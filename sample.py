@@ -312,15 +312,16 @@ def sample_benchmark(args, drawer: Drawer, class_names: list[str], rank: int, wo
         if segmentation:
             masks[i] = item["seg_mask"].long()
             if not (out / "masks" / f"{i:04d}.png").exists():
-                save_png(Image.fromarray(item["seg_mask"].numpy().astype(np.uint8), "L"), out / "masks" / f"{i:04d}.png")
+                save_png(Image.fromarray(item["seg_mask"].numpy().astype(np.uint8)), out / "masks" / f"{i:04d}.png")
     if world > 1:  # every layout to process 0, which writes the layout file
         parts = [None] * world
         dist.all_gather_object(parts, layouts)
         layouts_all = {i: layout for part in parts for i, layout in part.items()}
     else:
         layouts_all = layouts
-    if rank == 0:
-        save_layouts(out / "layouts.json", [layouts_all[i] for i in range(len(dataset))], class_names)
+    if rank == 0:  # written aside and renamed: a killed run never leaves half a layout file
+        save_layouts(out / "layouts.json.tmp", [layouts_all[i] for i in range(len(dataset))], class_names)
+        os.replace(out / "layouts.json.tmp", out / "layouts.json")
 
     jobs = [(i, r) for i in mine for r in range(args.repeats) if not (out / f"samples/r{r}/{i:04d}.png").exists()]
     skipped = len(mine) * args.repeats - len(jobs)
@@ -331,12 +332,12 @@ def sample_benchmark(args, drawer: Drawer, class_names: list[str], rank: int, wo
         done += len(batch)
         if rank == 0:
             print(f"{done}/{len(jobs)} images drawn" + (f" by process 0 of {world}" if world > 1 else ""), flush=True)
-    counts = torch.tensor([done, skipped])
+    counts = torch.tensor([done, skipped], device=drawer.device)  # on the GPU for nccl
     if world > 1:
         dist.all_reduce(counts)
     if rank == 0:
         print(f"benchmark {args.data}/{args.split}: {len(dataset)} layouts x {args.repeats} repeats in {out} "
-              f"({counts[0]} drawn now, {counts[1]} were there); layouts.json, real/, samples/r*/")
+              f"({counts[0].item()} drawn now, {counts[1].item()} were there); layouts.json, real/, samples/r*/")
 
 
 def atomic_write_text(path: Path, text: str):
