@@ -41,6 +41,13 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def same_up_to_rounding(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal but for float rounding: other batch companions change the padding columns and the
+    layout windows, which can move a rare pixel by one level (seen: 1 pixel of 3072)."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    return diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
 def write_layouts(path: Path, layouts) -> Path:
     path.write_text(json.dumps(layouts))
     return path
@@ -71,18 +78,18 @@ def test_sample_end_to_end_writes_pngs(tiny_run, run_cli, tmp_path):
     same = (upscaled == pixels(a / "0000_boxes.png")).all(-1).mean()
     assert 0.5 < same < 1.0
 
-    b = sample("b", "--batch-size", "1")  # same seed, other batching: the same pixels
+    b = sample("b", "--batch-size", "1")  # same seed, other batching: the same pixels (up to rounding)
     c = sample("c", "--seed", "1", "--batch-size", "4")  # another seed: other pixels
     for name in ("0000.png", "0001.png", "0000_boxes.png"):
-        assert np.array_equal(pixels(a / name), pixels(b / name)), name
-        assert not np.array_equal(pixels(a / name), pixels(c / name)), name
+        assert same_up_to_rounding(pixels(a / name), pixels(b / name)), name
+        assert not same_up_to_rounding(pixels(a / name), pixels(c / name)), name
 
     d = sample("d", "--n", "2")
     assert sorted(p.name for p in d.iterdir()) == ["0000_0.png", "0000_0_boxes.png", "0000_1.png", "0000_1_boxes.png",
                                                    "0001_0.png", "0001_0_boxes.png", "0001_1.png", "0001_1_boxes.png"]
     # image k of layout i draws noise number i * n + k: 0000_0 starts from the same noise as 0000 above
-    assert np.array_equal(pixels(d / "0000_0.png"), pixels(a / "0000.png"))
-    assert not np.array_equal(pixels(d / "0000_0.png"), pixels(d / "0000_1.png"))
+    assert same_up_to_rounding(pixels(d / "0000_0.png"), pixels(a / "0000.png"))
+    assert not same_up_to_rounding(pixels(d / "0000_0.png"), pixels(d / "0000_1.png"))
 
 
 def test_sample_text_format(tiny_run, tmp_path, capsys):
@@ -316,13 +323,6 @@ def benchmark_cmd(ckpt: Path, out: Path, *args, processes: int = 1) -> list[str]
                 if processes > 1 else [sys.executable])
     return [*launcher, "sample.py", "--ckpt", str(ckpt), "--data", "shapes", "--split", "val", "--repeats", "2",
             "--data.val_length=5", "--batch-size", "3", "--out", str(out), *args]
-
-
-def same_up_to_rounding(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal but for float rounding: other batch companions change the padding columns and the
-    layout windows, which can move a rare pixel by one level (seen: 1 pixel of 3072)."""
-    diff = np.abs(a.astype(int) - b.astype(int))
-    return diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
 @pytest.mark.slow
