@@ -246,7 +246,6 @@ class Diffusion:
 
     # --- samplers ---
 
-
     @staticmethod
     def _ddim_step(x, eps, a_t, a_prev, sigma, noise):
         """One DDIM update x_t -> x_{t_prev} (Song et al. 2021, eq. 12), all in float32:

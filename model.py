@@ -546,10 +546,10 @@ class LayoutUNet(nn.Module):
             if bad.any():
                 raise ValueError(f"labels: class indices must be in [0, {self.cfg.num_classes}), got {labels[bad][0].item()}")
 
-    def layout_maps(self, B, sizes, boxes, labels, box_mask, seg_mask, device, attn_sizes=None):
+    def layout_maps(self, B, sizes, boxes, labels, box_mask, seg_mask, device, attn_sizes):
         """Per feature-map size (H, W): the region masks and class-embedding raster, built once per
         forward and shared by every layout block at that size; the box windows only for the sizes in
-        attn_sizes (default: all), where a layout attention needs them."""
+        attn_sizes, where a layout attention needs them."""
         table = self.cls_embedder
         maps = {}
         for H, W in sizes:
@@ -571,7 +571,7 @@ class LayoutUNet(nn.Module):
                     raster = raster + self.box_coord_proj(box_coord_features(boxes, region, H, W).to(raster.dtype))
                 maps[(H, W)] = {"raster": raster, "region": region}
                 if (self.cfg.layout_attn_impl == "window" and self.cfg.layout_attn_type.startswith("layout_partial")
-                        and (attn_sizes is None or (H, W) in attn_sizes)):
+                        and (H, W) in attn_sizes):
                     maps[(H, W)].update(box_windows(boxes, mask, H, W))
         return maps
 

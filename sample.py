@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from config import UserError, config_to_dict, run_cli
@@ -176,11 +177,16 @@ def initial_noise(shape, seed: int, index: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
 
 
-def save_png(image, path: Path):
-    """Write to a temporary name and rename: an interrupted run never leaves a half-written PNG."""
-    tmp = path.with_name(path.stem + ".tmp.png")
-    image.save(tmp)
+def write_atomically(path: Path, write):
+    """write(tmp) to a temporary name beside path, then rename: an interrupted run never leaves a
+    half-written file (the suffix is kept, so PIL still picks the format from it)."""
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def save_png(image, path: Path):
+    write_atomically(path, image.save)
 
 
 @dataclass
@@ -201,8 +207,8 @@ class Drawer:
     device: torch.device
 
     @torch.no_grad()
-    def batches(self, layouts: list[dict], jobs: list[tuple[int, int]], prompts: list[str] | None = None,
-                masks: dict | None = None):
+    def batches(self, layouts: list[dict] | dict, jobs: list[tuple[int, int]], prompts: list[str] | dict | None = None,
+                masks: list[torch.Tensor] | dict | None = None):
         """jobs: (layout index, image index k) pairs. prompts[i]: the text of layout i (text models);
         masks[i]: its (size, size) label mask (segmentation models). Yields (jobs of the batch,
         images (B, 3, H, W) in [-1, 1] on the CPU, boxes, labels, box_mask) batch by batch."""
@@ -271,7 +277,6 @@ def sample_benchmark(args, drawer: Drawer, class_names: list[str], rank: int, wo
     evaluation folder (see the module docstring). Process r of a torchrun job takes the layouts
     i with i % world == r (their ground truth and all their repeats); files that exist are skipped,
     so an interrupted run continues where it stopped, with any number of processes."""
-    import torch.distributed as dist
     cfg = drawer.cfg
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")
@@ -293,7 +298,7 @@ def sample_benchmark(args, drawer: Drawer, class_names: list[str], rank: int, wo
     if rank == 0:
         for sub in ["real"] + ["masks"] * segmentation + [f"samples/r{r}" for r in range(args.repeats)]:
             (out / sub).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(manifest, json.dumps(settings, indent=1) + "\n")
+        write_atomically(manifest, lambda p: p.write_text(json.dumps(settings, indent=1) + "\n"))
     if world > 1:
         dist.barrier()
 
@@ -319,9 +324,9 @@ def sample_benchmark(args, drawer: Drawer, class_names: list[str], rank: int, wo
         layouts_all = {i: layout for part in parts for i, layout in part.items()}
     else:
         layouts_all = layouts
-    if rank == 0:  # written aside and renamed: a killed run never leaves half a layout file
-        save_layouts(out / "layouts.json.tmp", [layouts_all[i] for i in range(len(dataset))], class_names)
-        os.replace(out / "layouts.json.tmp", out / "layouts.json")
+    if rank == 0:
+        write_atomically(out / "layouts.json",
+                         lambda p: save_layouts(p, [layouts_all[i] for i in range(len(dataset))], class_names))
 
     jobs = [(i, r) for i in mine for r in range(args.repeats) if not (out / f"samples/r{r}/{i:04d}.png").exists()]
     skipped = len(mine) * args.repeats - len(jobs)
@@ -338,12 +343,6 @@ def sample_benchmark(args, drawer: Drawer, class_names: list[str], rank: int, wo
     if rank == 0:
         print(f"benchmark {args.data}/{args.split}: {len(dataset)} layouts x {args.repeats} repeats in {out} "
               f"({counts[0].item()} drawn now, {counts[1].item()} were there); layouts.json, real/, samples/r*/")
-
-
-def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -370,10 +369,10 @@ def main(argv=None):
         else:
             sample_layouts(args, drawer, class_names, rank, world)
         if world > 1:
-            torch.distributed.barrier()  # leave together
+            dist.barrier()  # leave together
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def cli(argv=None):
