@@ -32,7 +32,7 @@ Rows (--only takes any of the sections; one Markdown table, `x` has its own):
      "trick ...": one speed trick alone at a batch that fitted (32), against "trick base" at the same
      batch ("vs base"): what each trick buys, measured. channels_last, cudnn.benchmark, the masked
      layout attention (no host sync), gradient checkpointing (its cost), frozen weights stored in
-     bf16, train.py's EMA (every parameter) and an EMA of the trained parameters only.
+     bf16, and train.py's EMA (of the trained parameters, one foreach lerp).
      "compiled step" (--compile): the step through torch.compile; the note gives the first call.
   b  "layout blocks' share": the step timed again with every LayoutAttention replaced by `x + s`
      (s a trainable scalar per block, so the backward still runs through every later layer, as with
@@ -77,22 +77,10 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
-from config import UserError
 from diffusion import Diffusion, DiffusionConfig
 from model import LayoutAttention, LayoutUNet, ModelConfig, box_regions, box_windows, layout_raster
-from text import TEXT_PRESETS, TextConfig, build_text_encoder
+from text import TextConfig, build_text_encoder
 from vqvae import AutoencoderConfig, build_autoencoder
-
-# The original's configs/cocostuff_SD1_5.json (denoising_model.model_args and vqvae_model.model_args.ddconfig),
-# used when presets/coco_sd15.yaml is absent or does not load.
-SD15_UNET_ARGS = dict(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=2,
-                      attention_resolutions=[1, 2, 4], channel_mult=[1, 2, 4, 4], num_heads=8,
-                      use_spatial_transformer=True, transformer_depth=1, use_checkpoint=True, legacy=False,
-                      prompt_dim=128, num_prompt=0, image_in_kv=False, text_context_dim=768,
-                      instance_prompt_attn_type="layout_partial_v2", instance_attn_res=[2, 4],
-                      instance_prompt_args=dict(num_classes=181, embedding_dim=128))
-SD15_AUTOENCODER = dict(kind="kl", ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[],
-                        z_channels=4, double_z=True, resolution=256, embed_dim=4, scale_factor=0.18215)
 
 # A preset: overrides of the coco_sd15 model / autoencoder / text configs (empty: the real sizes), the
 # sizes of sections a-f, and `x`, the sizes of the original-vs-ours tables (no model_channels there:
@@ -129,23 +117,14 @@ SECTIONS = "abcdefx"
 # configs
 
 
-def preset_configs(preset: dict) -> tuple[ModelConfig, AutoencoderConfig, TextConfig, str]:
-    """The coco_sd15 UNet, autoencoder and text configs with the preset's overrides, and where the
-    base came from. The speed rows run without gradient checkpointing (section e turns it on)."""
-    source = "presets/coco_sd15.yaml"
-    try:
-        cfg = train.load_config(preset="coco_sd15")
-        model, ae = cfg["model"], cfg["autoencoder"]
-        text = cfg.get("text")
-        if not isinstance(text, TextConfig) or text.kind == "none":  # a train.py without a text section
-            text = TextConfig(**TEXT_PRESETS["clip"])
-    except UserError as e:  # not written yet, or not loadable by this train.py
-        model, ae = LayoutUNet.config_from_original(SD15_UNET_ARGS), AutoencoderConfig(**SD15_AUTOENCODER)
-        text = TextConfig(**TEXT_PRESETS["clip"])
-        source = f"bench.py's copy of configs/cocostuff_SD1_5.json ({str(e).split(':')[0][:60]})"
+def preset_configs(preset: dict) -> tuple[ModelConfig, AutoencoderConfig, TextConfig]:
+    """The UNet, autoencoder and text configs of presets/coco_sd15.yaml with the preset's
+    overrides. The speed rows run without gradient checkpointing (section e turns it on)."""
+    cfg = train.load_config(preset="coco_sd15")
+    model, ae, text = cfg["model"], cfg["autoencoder"], cfg["text"]
     model = dataclasses.replace(model, use_checkpoint=False, **preset["model"])
     text = dataclasses.replace(text, vocab_path="", **preset["text"])  # no tokenizer: random token ids
-    return model, dataclasses.replace(ae, **preset["autoencoder"]), text, source
+    return model, dataclasses.replace(ae, **preset["autoencoder"]), text
 
 
 def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
@@ -311,7 +290,7 @@ def heap_bytes() -> int | None:
     return m.hblkhd + m.uordblks
 
 
-def model_state_bytes(unet, opt) -> int:
+def model_state_bytes(unet) -> int:
     """Weights + gradients of the trained ones + AdamW state (two moments each)."""
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
     trained = sum(p.numel() * p.element_size() for p in unet.parameters() if p.requires_grad)
@@ -527,13 +506,9 @@ def section_a_tricks(args, env: dict):
         trick("frozen weights stored in bf16", lambda: train_step(args, env, batch),
               lambda: store(torch.bfloat16), lambda: store(torch.float32))
     ema = copy.deepcopy(unet).requires_grad_(False)
-    trick("+ EMA as train.py (every parameter, one lerp each)",
+    trick("+ EMA as train.py (trained parameters only, one foreach lerp)",
           lambda: train_step(args, env, batch, ema=lambda: train.update_ema(ema, unet, 0.999)))
-    trained = [e for e, p in zip(ema.parameters(), unet.parameters()) if p.requires_grad]
-    # the frozen parameters' EMA equals the parameters for ever: averaging only the trained ones is the same EMA
-    trick("+ EMA of the trained parameters only (one foreach lerp)",
-          lambda: train_step(args, env, batch, ema=lambda: torch._foreach_lerp_(trained, env["params"], 1 - 0.999)))
-    del ema, trained
+    del ema
     free_memory(dev)
 
 
@@ -594,18 +569,22 @@ def section_b(args, env: dict):
     if env["mc"].max_objects > args.boxes and not over_budget(args):  # the config's limit: a batch padded to it
         N = env["mc"].max_objects
         step_share(args.sizes["worst_batch"], N, f"1..{N} boxes (max_objects)")
-    # the sampling forward: one image with guidance is a batch of 2
+    # the sampling forward: one image with guidance is a batch of 2, the layout and the empty one,
+    # whose maps the sampler builds once per run (prepare_condition), not at every step
     x = make_batch(2, env["mc"], env["latent"], env["tc"].max_len, args.boxes, env["gen"], dev)
+    x["box_mask"][1:] = False
     unet.eval()
+    with torch.no_grad(), amp_context(args):
+        with_layout = unet.prepare_condition(x["x_start"].shape, x["text"], x["boxes"], x["labels"], x["box_mask"])
+        without = unet.prepare_condition(x["x_start"].shape, x["text"])
 
     @torch.no_grad()
-    def forward(layout=True):
-        cond = {k: x[k] for k in ("boxes", "labels", "box_mask")} if layout else {}
+    def forward(kwargs):
         with amp_context(args):
-            unet(x["x_start"], x["t"], x["text"], **cond)
-    full = time_fn(forward, args.repeats, dev)
+            unet(x["x_start"], x["t"], **kwargs)
+    full = time_fn(lambda: forward(with_layout), args.repeats, dev)
     with layout_bypassed(unet):
-        bypassed = time_fn(lambda: forward(False), args.repeats, dev)
+        bypassed = time_fn(lambda: forward(without), args.repeats, dev)
     unet.train()
     emit(args, "b", "layout blocks' share of a sampling forward (cond+uncond)", 2, full - bypassed, images=0,
          note=f"share {(1 - bypassed / full) * 100:.1f} %; full {full:.2f} ms")
@@ -684,7 +663,7 @@ def section_e(args, env: dict):
     ema_gib = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2 ** 30
     frozen_gib = sum(p.numel() * p.element_size() for m in (env["ae"], env["text_encoder"])
                      for p in m.parameters()) / 2 ** 30
-    state = model_state_bytes(unet, opt)
+    state = model_state_bytes(unet)
     if dev == "cpu" and heap_bytes() is None:
         emit(args, "e", "memory: skipped, no glibc heap statistics on this CPU")
         return
@@ -747,18 +726,15 @@ def section_f(args, env: dict, a_results: dict):
     batch = make_batch(B, env["mc"], latent, tc.max_len, args.boxes, env["gen"], dev)
     images = (torch.rand(B, 3, px, px, generator=env["gen"]) * 2 - 1).to(dev)
     ids = torch.randint(0, tc.vocab_size, (B, tc.max_len), generator=env["gen"]).to(dev)
-    with torch.no_grad(), amp_context(args):
-        mean, logvar = ae.encode(images)
-    std = torch.exp(0.5 * logvar)
+    with torch.no_grad():
+        mean, std = train.posterior(ae, images)  # the latent cache's entries
 
     def step(encode_images: bool):
-        with torch.no_grad(), amp_context(args):  # the frozen parts: no graph, never trained
-            if encode_images:
-                mean_, logvar_ = ae.encode(images)
-                z = ae.sample(mean_, logvar_)
-            else:
-                z = mean + std * torch.randn_like(mean)
-            text = env["text_encoder"](ids)
+        with torch.no_grad():  # the frozen parts: no graph, never trained; images encoded in fp32 as train.py
+            m, s = train.posterior(ae, images) if encode_images else (mean, std)
+            z = m + s * torch.randn_like(m)
+            with amp_context(args):
+                text = env["text_encoder"](ids)
         train_step(args, env, dict(batch, x_start=(z * ae.cfg.scale_factor).float(), text=text))
     for what, encode in (("pipeline: encode images + text, then step", True),
                          ("pipeline: latent cache, encode text, then step", False)):
@@ -903,14 +879,14 @@ def main(argv=None):
     global clock
     clock = CLOCK[args.clock]
 
-    mc, ac, tc, source = preset_configs(args.sizes)
+    mc, ac, tc = preset_configs(args.sizes)
     if args.layout_impl:
         mc.layout_attn_impl = args.layout_impl
     total, trained = parameter_counts(mc)
     print(f"# bench.py {datetime.datetime.now().isoformat(timespec='seconds')} | {device_name(args.device)} | "
           f"torch {torch.__version__} | {torch.get_num_threads()} threads | preset {args.preset} | {args.dtype} | "
           f"median of {args.repeats}, {args.clock} clock")
-    print(f"# UNet from {source}: {total / 1e6:.2f} M parameters, {trained / 1e6:.2f} M trained (foundation frozen); "
+    print(f"# UNet of presets/coco_sd15.yaml: {total / 1e6:.2f} M parameters, {trained / 1e6:.2f} M trained (foundation frozen); "
           f"mc={mc.model_channels} mult={mc.channel_mult} layout at {mc.layout_resolutions} ({mc.layout_attn_impl}); "
           f"autoencoder ch={ac.ch} f{ac.downsample_factor}; text {tc.kind} width {tc.width} x{tc.layers}; "
           f"compile {args.compile}, channels_last {args.channels_last}", flush=True)

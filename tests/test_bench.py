@@ -10,7 +10,7 @@ from model import LayoutAttention, ModelConfig, SpatialTransformer
 
 TINY_ROWS = {  # section -> the start of each row it must print
     "a": ["step (", "trick base: plain step", "trick channels_last", "trick layout_attn_impl=masked",
-          "trick use_checkpoint", "trick + EMA as train.py", "trick + EMA of the trained parameters only"],
+          "trick use_checkpoint", "trick + EMA as train.py (trained parameters only"],
     "b": ["step, layout blocks bypassed (x + s), 1..3 boxes", "layout blocks' share of the step, 1..3 boxes",
           "step, layout blocks bypassed (x + s), 1..4 boxes (max_objects)",
           "layout blocks' share of the step, 1..4 boxes (max_objects)", "layout blocks' share of a sampling forward"],
@@ -25,7 +25,11 @@ TINY_ROWS = {  # section -> the start of each row it must print
 
 def test_bench_tiny_runs(capsys):
     """In-process (a subprocess would import torch again: 10 s on the shared CI box)."""
-    bench.main(["--tiny"])
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--tiny"])  # sets one thread
+    finally:
+        torch.set_num_threads(threads)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# bench.py ") and "torch " in lines[0]
     # section x: the README's tables
