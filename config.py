@@ -131,3 +131,14 @@ def run_cli(fn, *args, debug: bool = False):
         rank = os.environ.get("RANK")
         print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def read_class_names(path: str) -> list[str]:
+    """One class name a line, in label order. A relative path that does not exist from the working
+    folder is looked up beside this file (the class lists in presets/)."""
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (ROOT / p).exists():
+        p = ROOT / p
+    if not p.is_file():
+        raise UserError(f"{path}: class-name file not found")
+    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]

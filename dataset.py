@@ -31,7 +31,6 @@ import colorsys
 import difflib
 import json
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
 from config import UserError, run_cli
+from text import layout_caption
 
 # -----------------------------------------------------------------------------
 # the shapes dataset
@@ -612,8 +612,8 @@ def make_item(image: Image.Image, objects: Sequence, class_names: Sequence[str] 
         kept = [kept[k] for k in sorted(largest)]
     names = list(dict.fromkeys(class_names[label] for label, _ in kept)) if class_names is not None else []
     text = (caption or "").strip()
-    captions = {"text": text, "labels": ",".join(names), "none": "",
-                "text+labels": ",".join(([text] if text else []) + names)}  # coco_w_stuff.py: ','.join([caption] + labels)
+    # the original's rule (coco_w_stuff.py: ','.join([caption] + labels)), the one sample.py applies too
+    captions = {"text": text, "labels": layout_caption("", names), "none": "", "text+labels": layout_caption(text, names)}
     if caption_mode not in captions:
         raise ValueError(f"make_item: caption_mode={caption_mode!r}, expected one of {list(captions)}")
     b, l, m = layouts_to_tensors([{"objects": kept}], max_objects)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from config import UserError, run_cli
+from config import UserError, read_class_names, run_cli
 from dataset import (COLOURS, SHAPES, SHAPES_CLASSES, SPLITS, box_to_pixels, draw_shape, load_layouts,
                      make_shapes_layout, render_shapes, save_layouts)
 from inception import FID_IMAGE_SIZE, FIDInception, load_fid_inception
@@ -362,10 +362,7 @@ def cmd_layout_ap(args: argparse.Namespace) -> dict:
     """AP of a detector's boxes on the samples against the layout file they were drawn from."""
     class_names = SHAPES_CLASSES
     if args.class_names:
-        if not Path(args.class_names).is_file():
-            raise UserError(f"{args.class_names}: class names file not found")
-        # as weights.py reads them, so a line's 0-based number is the class index everywhere
-        class_names = Path(args.class_names).read_text(encoding="utf-8").splitlines()
+        class_names = read_class_names(args.class_names)  # as train.py, sample.py and weights.py read them
     if not 0 < args.iou < 1:
         raise UserError(f"--iou must lie in (0, 1), got {args.iou}")
     # no limit on objects: the layouts were checked when sampled, here they are only read back

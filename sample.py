@@ -52,12 +52,12 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from config import UserError, config_to_dict, run_cli
+from config import UserError, config_to_dict, read_class_names, run_cli
 from dataset import build_dataset, draw_layout, layouts_to_tensors, load_layouts, save_layouts, tensor_to_pil
 from diffusion import Diffusion
 from model import LayoutUNet
 from text import encode_captions, layout_caption, load_text_encoder
-from train import check_text_config, load_config, read_class_names, setup_distributed, unconditional
+from train import check_text_config, load_config, setup_distributed, unconditional
 from vqvae import build_autoencoder
 from weights import (RELEASED_PREFIXES, as_state_dict, find_text_weights, fit_class_names, read_file,
                      released_modules, released_to_ours)
@@ -85,6 +85,8 @@ def parse_args(argv=None):
                    help="images per layout (under torchrun write --images-per-layout: torchrun reads --n as its own)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="autocast of the UNet and the decoder (auto: bf16 on CUDA, fp32 on the CPU, as train.py)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--allow-pickle", action="store_true", help="unpickle Python objects (released Lightning files; "
                    "only files you trust)")
@@ -205,6 +207,7 @@ class Drawer:
     n: int                    # images per layout: image k of layout i starts from noise number i * n + k
     batch_size: int
     device: torch.device
+    amp_dtype: torch.dtype | None = None  # autocast dtype (None: fp32)
 
     @torch.no_grad()
     def batches(self, layouts: list[dict] | dict, jobs: list[tuple[int, int]], prompts: list[str] | dict | None = None,
@@ -229,9 +232,11 @@ class Drawer:
                 cond["text"] = encode_captions(*self.text, [prompts[i] for i, _ in batch], self.device)
                 uncond = unconditional(cond, self.negative_text)  # the empty layout and the negative prompt
             x_T = torch.stack([initial_noise(latent_shape, self.seed, i * self.n + k) for i, k in batch]).to(self.device)
-            z = sample(self.unet, x_T, self.steps, eta=cfg["diffusion"].eta, guidance_scale=self.guidance,
-                       cond=cond, uncond=uncond)
-            yield batch, self.ae.decode_latent(z.float()).cpu(), boxes.cpu(), labels.cpu(), box_mask.cpu()
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                z = sample(self.unet, x_T, self.steps, eta=cfg["diffusion"].eta, guidance_scale=self.guidance,
+                           cond=cond, uncond=uncond)  # the sampler's own arithmetic stays float32
+                images = self.ae.decode_latent(z.float()).float()
+            yield batch, images.cpu(), boxes.cpu(), labels.cpu(), box_mask.cpu()
 
 
 def sample_layouts(args, drawer: Drawer, class_names: list[str], rank: int, world: int):
@@ -269,6 +274,7 @@ def benchmark_settings(args, drawer: Drawer, data_cfg, n_items: int) -> dict:
     return {"checkpoint": str(Path(args.ckpt).resolve()), "preset": args.preset, "ema": not args.no_ema,
             "split": args.split, "items": n_items, "repeats": args.repeats, "seed": args.seed, "steps": drawer.steps,
             "sampler": drawer.sampler, "guidance": drawer.guidance, "negative_prompt": args.negative_prompt,
+            "precision": str(drawer.amp_dtype or torch.float32),
             "data": dataclasses.asdict(data_cfg)}
 
 
@@ -363,7 +369,9 @@ def main(argv=None):
         drawer = Drawer(unet, ae, diffusion, cfg, text, negative_text, steps=args.steps or dc.steps,
                         guidance=dc.guidance_scale if args.guidance is None else args.guidance,
                         sampler=args.sampler or dc.sampler, seed=args.seed,
-                        n=args.repeats if args.data else args.n, batch_size=args.batch_size, device=device)
+                        n=args.repeats if args.data else args.n, batch_size=args.batch_size, device=device,
+                        amp_dtype=torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto"
+                                                                                and device.type == "cuda") else None)
         if args.data:
             sample_benchmark(args, drawer, class_names, rank, world)
         else:

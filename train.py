@@ -40,8 +40,8 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import config
-from config import UserError, config_to_dict
-from dataset import DataConfig, build_dataset, draw_layout, pil_to_tensor, tensor_to_pil
+from config import UserError, config_to_dict, read_class_names
+from dataset import AUTO_CAPTION, DataConfig, build_dataset, draw_layout, pil_to_tensor, tensor_to_pil
 from diffusion import Diffusion, DiffusionConfig
 from model import LayoutUNet, ModelConfig
 from text import TextConfig, caption_context, encode_captions, load_text_encoder
@@ -113,17 +113,13 @@ def check_text_config(cfg: dict):
     if model.context_dim != text.width:
         raise UserError(f"model.context_dim={model.context_dim}, but the text encoder (text.kind={text.kind}) "
                         f"gives tokens of width text.width={text.width}")
-
-
-def read_class_names(path: str) -> list[str]:
-    """One class name a line, in label order. A relative path that does not exist from the working
-    folder is looked up beside this file (the class lists in presets/)."""
-    p = Path(path)
-    if not p.exists() and not p.is_absolute() and (ROOT / p).exists():
-        p = ROOT / p
-    if not p.is_file():
-        raise UserError(f"{path}: class-name file not found")
-    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # sample.py makes a layout file's text by text.append_labels; it must be the text training saw
+    data = cfg["data"]
+    mode = AUTO_CAPTION.get(data.name) if data.caption == "auto" else data.caption
+    if mode is not None and text.append_labels != (mode in ("labels", "text+labels")):
+        raise UserError(f"text.append_labels={text.append_labels} but the training text is data.caption={mode!r} "
+                        f"(data.name={data.name}): sample.py would prompt with other text than training used; "
+                        f"set text.append_labels={str(mode in ('labels', 'text+labels')).lower()}")
 
 
 # -----------------------------------------------------------------------------
@@ -325,7 +321,6 @@ def weights_digest(module) -> torch.Tensor:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def update_ema(ema, model, decay: float):
     """EMA of the trained parameters only, in one fused foreach call: frozen ones never change, so
     their EMA is themselves (at SD size this is 38 ms instead of 811 ms a step on one CPU thread)."""
@@ -441,6 +436,11 @@ def main(argv=None):
         # --- data, the frozen autoencoder and the frozen text encoder ---
         # a preset's class list (the original's label order, that of its released checkpoints) relabels the data
         label_order = read_class_names(tc.class_names) if tc.class_names else None
+        if tc.latent_cache and cfg["data"].augment and cfg["data"].name != "shapes":
+            # the cache encodes each image once: a random crop/flip drawn then would be frozen for the run
+            log("data.augment=false: train.latent_cache encodes each training image once "
+                "(set train.latent_cache=false to augment every step)")
+            cfg["data"].augment = False
         dataset = build_dataset(cfg["data"], "train", cfg["model"].max_objects, label_order)
         class_names = list(dataset.class_names)
         if cfg["model"].num_classes != len(class_names):
@@ -612,13 +612,14 @@ def main(argv=None):
                     # a resumed run draws exactly what the uninterrupted run would have drawn
                     gen.manual_seed((tc.seed << 40) ^ (rank << 32) ^ (step * tc.grad_accum + micro_step))
                     n = max(1, int(batch["box_mask"].sum(1).max()))  # trim padding (CPU tensor: no device sync)
-                    boxes, labels = batch["boxes"][:, :n].to(device), batch["labels"][:, :n].to(device)
-                    box_mask = batch["box_mask"][:, :n].to(device)
+                    # non_blocking: the loader pins its batches on CUDA, so these copies overlap the GPU's work
+                    to_dev = lambda x: x.to(device, non_blocking=True)  # noqa: E731
+                    boxes, labels, box_mask = (to_dev(batch[k][:, :n]) for k in ("boxes", "labels", "box_mask"))
                     with torch.no_grad():
                         if tc.latent_cache:
-                            mean, std = batch["mean"].to(device).float(), batch["std"].to(device).float()
+                            mean, std = to_dev(batch["mean"]).float(), to_dev(batch["std"]).float()
                         else:
-                            mean, std = posterior(ae, batch["image"].to(device))
+                            mean, std = posterior(ae, to_dev(batch["image"]))
                         z = mean + std * torch.randn(mean.shape, generator=gen, device=device)
                         x_start = z * scale
                     B = x_start.shape[0]
@@ -628,7 +629,7 @@ def main(argv=None):
                     noise = torch.randn(x_start.shape, generator=gen, device=device)
                     cond = dict(boxes=boxes, labels=labels, box_mask=box_mask)
                     if segmentation:  # a dropped layout is an all-ignore mask: every pixel the null class
-                        seg_mask = batch["seg_mask"].to(device).long()
+                        seg_mask = to_dev(batch["seg_mask"]).long()
                         cond["seg_mask"] = torch.where(keep[:, None, None], seg_mask, torch.full_like(seg_mask, 255))
                     if text_encoder is not None:  # drawn after the others: runs without text draw as before
                         drop = torch.rand(B, generator=gen, device=device) < tc.text_dropout

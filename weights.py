@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from config import UserError, run_cli
+from config import UserError, read_class_names, run_cli
 from model import LayoutAttention, LayoutUNet, original_key_to_ours
 
 FOUNDATION_PREFIXES = {"unet": "model.diffusion_model.", "autoencoder": "first_stage_model.", "text": "cond_stage_model."}
@@ -321,7 +321,7 @@ def convert(args) -> dict:
     """Build the model of the preset (or of the original's constructor arguments), fill it with
     the released weights (every tensor used, nothing missing), check the schedule buffers against
     ours, and write {model, ema, autoencoder, config, class_names, step}."""
-    from train import load_config, read_class_names, save_checkpoint
+    from train import load_config, save_checkpoint
     from config import config_to_dict
     from vqvae import AutoencoderKL, VQModel
 

@@ -11,6 +11,7 @@ import torch
 
 from model import LayoutUNet
 from text import TEXT_PRESETS, TextConfig, build_text_encoder
+from config import UserError
 from train import ROOT, check_text_config, load_config, read_class_names
 from vqvae import build_autoencoder
 from weights import foundation_to_layout_unet
@@ -159,3 +160,16 @@ def test_class_name_files():
     celeb = read_class_names("presets/celebamask_classes.txt")
     assert len(celeb) == 19 == load_config(preset="celeb_mask")["model"].num_classes
     assert (celeb[0], celeb[1], celeb[18]) == ("background", "skin", "cloth")
+
+
+def test_sampling_text_must_be_the_training_text():
+    """text.append_labels (how sample.py makes a layout file's text) must match data.caption (how
+    training made it): a folder set trains on its captions alone, COCO on caption + labels."""
+    cfg = load_config(preset="coco_sd15")
+    check_text_config(cfg)  # coco: caption + labels, append_labels true
+    folder = load_config(preset="coco_sd15", overrides=["--data.name=folder"])
+    with pytest.raises(UserError, match=r"text.append_labels=True but the training text is data.caption='text' "
+                                        r"\(data.name=folder\).*set text.append_labels=false"):
+        check_text_config(folder)
+    check_text_config(load_config(preset="coco_sd15", overrides=["--data.name=folder", "--text.append_labels=false"]))
+    check_text_config(load_config(preset="coco_sd15", overrides=["--data.name=folder", "--data.caption=text+labels"]))
