@@ -70,6 +70,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -90,7 +91,7 @@ PRESETS = {
     "coco_sd15": dict(
         model={}, autoencoder={}, text={}, image_size=512, boxes=8, batches=[1, 8, 16, 32, 64], trick_batch=32,
         worst_batch=8, pipeline_batch=16, sample_batches=[1, 8, 16], sample_steps=20, peak_matmul=8192, max_batch=512,
-        cpu_mem_cap_gib=0.0, repeats=5, threads=None, minutes=7.5,
+        cpu_mem_cap_gib=0.0, device_gib=79.6, repeats=5, threads=None, minutes=7.5,
         x=dict(batch=8, max_boxes=8, res=32, channels=640, class_embed_dim=128, num_classes=181)),
     "default": dict(  # the SD topology at 1/5 width and 128 px (16x16 latents): a CPU-sized run
         model=dict(model_channels=64, context_dim=128, class_embed_dim=32, max_objects=16),
@@ -508,8 +509,24 @@ def section_a_tricks(args, env: dict):
     ema = copy.deepcopy(unet).requires_grad_(False)
     trick("+ EMA as train.py (trained parameters only, one foreach lerp)",
           lambda: train_step(args, env, batch, ema=lambda: train.update_ema(ema, unet, 0.999)))
-    del ema
+    ema = None  # the copy's memory back before the next section
     free_memory(dev)
+
+
+def profile_step(args, env: dict):
+    """torch.profiler's table of one training step at the trick batch, after a warm-up: where the
+    time goes, kernel by kernel (--profile FILE)."""
+    from torch.profiler import ProfilerActivity, profile
+    batch = make_batch(args.trick_batch, env["mc"], env["latent"], env["tc"].max_len, args.boxes, env["gen"],
+                       args.device)
+    train_step(args, env, batch)
+    cuda = args.device == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        train_step(args, env, batch)
+        sync(args.device)
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=60, max_name_column_width=90)
+    Path(args.profile).write_text(f"one training step, batch {args.trick_batch}, {args.dtype}\n{table}\n")
 
 
 def section_a_compiled(args, env: dict, compiled):
@@ -591,7 +608,7 @@ def section_b(args, env: dict):
     free_memory(dev)
 
 
-def section_d(args, env: dict, compiled=None):
+def section_d(args, env: dict, compiled=None, mode: str = ""):
     """End-to-end sampling: text encode, PLMS with batched guidance, VAE decode."""
     unet, ae, dev, dc = env["unet"], env["ae"], args.device, env["dc"]
     model = unet if compiled is None else compiled
@@ -620,7 +637,11 @@ def section_d(args, env: dict, compiled=None):
             if compiled is None:
                 ms, flops = measure(args, sample, repeats)
                 args.flops_by_sample[B] = flops
-            else:  # the warm-up compiles; FLOPs as counted on the eager run
+            else:  # the first call compiles (and records the CUDA graphs); FLOPs as counted on the eager run
+                t0 = time.perf_counter()
+                sample()
+                sync(dev)
+                first = time.perf_counter() - t0
                 ms, flops = time_fn(sample, repeats, dev), args.flops_by_sample.get(B)
         except torch.cuda.OutOfMemoryError:
             oom = True
@@ -629,9 +650,11 @@ def section_d(args, env: dict, compiled=None):
             emit(args, "d", "sampling: out of memory", B)
             break
         px = args.sizes["image_size"]
-        what = f"{'compiled ' if compiled is not None else ''}sample {px}px, PLMS {dc.steps} + CFG + decode"
+        what = f"{f'compiled ({mode}) ' if compiled is not None else ''}sample {px}px, PLMS {dc.steps} + CFG + decode"
         note = (f"latency target <= 0.3 s {'met' if ms <= 300 else 'not met'}" if B == 1
                 else f"target >= 15 img/s {'met' if B / ms * 1e3 >= 15 else 'not met'}")
+        if compiled is not None:
+            note += f"; first call {first:.0f} s"
         emit(args, "d", what, B, ms, flops, note=note)
     unet.train()
     free_memory(dev)
@@ -854,6 +877,11 @@ def main(argv=None):
                         help="CPU only: 'process' times by this process's CPU time (a shared machine)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: the preset's, else torch's)")
+    parser.add_argument("--device-gib", type=float, default=None,
+                        help="CUDA: use at most this much of the GPU's memory (default: the preset's; coco_sd15: "
+                             "79.6, an H100 80GB's, so that a larger GPU answers 'the largest batch in 80 GB')")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="also write torch.profiler's table of one step at the trick batch to FILE")
     args = parser.parse_args(argv)
     if args.tiny:
         args.preset = "tiny"
@@ -878,6 +906,13 @@ def main(argv=None):
         parser.error("--clock process: for one CPU thread only (it adds up the CPU time of all threads)")
     global clock
     clock = CLOCK[args.clock]
+    memory = ""
+    if args.device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+        cap = args.device_gib if args.device_gib is not None else args.sizes.get("device_gib")
+        if cap and cap < total:  # the allocator raises OutOfMemoryError past the cap, as a smaller GPU would
+            torch.cuda.set_per_process_memory_fraction(cap / total)
+        memory = f" | memory {min(cap or total, total):.1f} of {total:.1f} GiB"
 
     mc, ac, tc = preset_configs(args.sizes)
     if args.layout_impl:
@@ -885,7 +920,7 @@ def main(argv=None):
     total, trained = parameter_counts(mc)
     print(f"# bench.py {datetime.datetime.now().isoformat(timespec='seconds')} | {device_name(args.device)} | "
           f"torch {torch.__version__} | {torch.get_num_threads()} threads | preset {args.preset} | {args.dtype} | "
-          f"median of {args.repeats}, {args.clock} clock")
+          f"median of {args.repeats}, {args.clock} clock{memory}")
     print(f"# UNet of presets/coco_sd15.yaml: {total / 1e6:.2f} M parameters, {trained / 1e6:.2f} M trained (foundation frozen); "
           f"mc={mc.model_channels} mult={mc.channel_mult} layout at {mc.layout_resolutions} ({mc.layout_attn_impl}); "
           f"autoencoder ch={ac.ch} f{ac.downsample_factor}; text {tc.kind} width {tc.width} x{tc.layers}; "
@@ -906,31 +941,52 @@ def main(argv=None):
         print_ratio_table([bench_layout_block(args), bench_unet(args, env)], args.sizes["x"]["batch"])
         progress("x done")
     print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
+    failed = []
+
+    def run(sec: str, fn, *fn_args):
+        """One section; a failure is a row and a traceback on stderr, and the other sections still run
+        (a GPU lease is one shot). The exit status says whether any failed."""
+        try:
+            result = fn(*fn_args)
+            progress(f"{sec} done")
+            return result
+        except Exception as e:  # noqa: BLE001 (reported, then re-raised as the exit status)
+            traceback.print_exc()
+            failed.append(sec)
+            emit(args, sec[0], f"FAILED ({sec}): {type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}")
+            env["unet"].train()
+            env["opt"].zero_grad(set_to_none=True)
+            free_memory(args.device, after_oom=True)
+
     if "c" in args.only:
-        section_c_peak(args)
+        run("c", section_c_peak, args)
     a_results = {}
     if "a" in args.only:
-        a_results = section_a(args, env)
+        a_results = run("a batch rows", section_a, args, env) or {}
         args.flops_by_batch = {B: flops for B, (_, flops) in a_results.items()}
         fitted = [B for B in a_results if B <= args.trick_batch]  # the tricks at a batch known to fit
         args.trick_batch = max(fitted) if fitted else args.trick_batch
-        progress("a batch rows done")
-        section_a_tricks(args, env)
-        progress("a tricks done")
+        run("a tricks", section_a_tricks, args, env)
+        if args.profile:
+            run("a profile", profile_step, args, env)
     for sec, fn in (("b", section_b), ("d", section_d), ("e", section_e),
                     ("f", lambda a, e: section_f(a, e, a_results))):
         if sec in args.only and not over_budget(args):
-            fn(args, env)
-            progress(f"{sec} done")
+            run(sec, fn, args, env)
     if args.compile:  # last: compiling takes minutes, and the time budget may cut it
-        compiled = torch.compile(env["unet"], backend=args.compile_backend)
-        if "a" in args.only:
-            section_a_compiled(args, env, compiled)
-            progress("a compiled done")
-        if "d" in args.only:
-            section_d(args, env, compiled)
-            progress("d compiled done")
-    print(f"# done in {time.time() - start:.0f} s", flush=True)
+        def compiled(mode: str):
+            if args.compile_backend != "inductor":  # a mode is inductor's
+                return torch.compile(env["unet"], backend=args.compile_backend)
+            return torch.compile(env["unet"], mode=mode)
+        if "d" in args.only:  # first: the latency target needs it, and a forward compiles faster than a step
+            # CUDA graphs: batch-1 sampling launches ~1,000 small kernels per UNet call, host-bound
+            mode = "reduce-overhead" if args.device == "cuda" else "default"
+            run("d compiled", section_d, args, env, compiled(mode), mode)
+        if "a" in args.only and not over_budget(args):
+            run("a compiled", section_a_compiled, args, env, compiled("default"))
+    print(f"# done in {time.time() - start:.0f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

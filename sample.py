@@ -87,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="autocast of the UNet and the decoder (auto: bf16 on CUDA, fp32 on the CPU, as train.py)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet with CUDA graphs (mode "
+                   "reduce-overhead): a GPU's small-batch sampling is host-bound; the first batch compiles (~1 min)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--allow-pickle", action="store_true", help="unpickle Python objects (released Lightning files; "
                    "only files you trust)")
@@ -362,6 +364,8 @@ def main(argv=None):
         unet, ae, diffusion, cfg, class_names, text = load_model(args.ckpt, device, not args.no_ema, args.preset,
                                                                  args.allow_pickle, args.text_weights)
         dc = cfg["diffusion"]
+        if args.compile:  # the layout maps are built outside (prepare_condition): one graph, no host sync
+            unet = torch.compile(unet, mode="reduce-overhead" if device.type == "cuda" else "default")
         negative_text = None
         if text is not None:  # the unconditional text of guidance, encoded once
             negative = cfg["text"].negative_prompt if args.negative_prompt is None else args.negative_prompt

@@ -1,5 +1,7 @@
 """The layout UNet against the original's outputs (../shared/parity) and against a plain loop."""
+import contextlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -82,6 +84,65 @@ def test_parity_segmentation_unet(parity_dir):
     torch.testing.assert_close(eps, out["eps"], atol=ATOL, rtol=RTOL)
     eps = unet(inp["x"][2:], inp["timesteps"][2:], seg_mask=inp["seg_mask_modified_sample2"])
     torch.testing.assert_close(eps, out["eps_modified_sample2"], atol=ATOL, rtol=RTOL)
+
+
+# -----------------------------------------------------------------------------
+# the speed options change no result: the layout fixture again with each one on, on the device in
+# LD_TEST_DEVICE (default cpu; the GPU session runs these with LD_TEST_DEVICE=cuda, see .ci/gpu)
+
+TEST_DEVICE = os.environ.get("LD_TEST_DEVICE", "cpu")
+# bf16 autocast: ||eps - ref|| / ||ref|| measured 1.6e-2 on the CPU; ignoring the layout moves it 0.31
+BF16_REL = 4e-2
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """Exact float32 matmuls and convolutions on CUDA (cuDNN uses TF32 for convolutions by default)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("option", ["plain", "masked", "channels_last", "prepared", "compile", "bf16"])
+@torch.no_grad()
+def test_parity_layout_unet_speed_options(parity_dir, option):
+    if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.fail("LD_TEST_DEVICE=cuda but no CUDA device")
+    dev = torch.device(TEST_DEVICE)
+    unet, inp, out = load_fixture(parity_dir, "layout_unet")
+    unet.to(dev)
+    inp = {k: v.to(dev) for k, v in inp.items()}
+    boxes, labels, box_mask = padded_layout(inp["layout_boxes"], inp["layout_num_boxes"])
+    x = inp["x"]
+    model = unet
+    if option == "masked":
+        unet.cfg.layout_attn_impl = "masked"
+    elif option == "channels_last":
+        unet.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif option == "compile":  # inductor on CUDA; on the CPU the same graph capture, run eagerly (seconds)
+        torch._dynamo.reset()
+        model = torch.compile(unet, backend="inductor" if dev.type == "cuda" else "eager")
+    neg = inp["negative_text_context"].expand(4, -1, -1)
+    calls = {"eps_cond": dict(text=inp["text_context"], boxes=boxes, labels=labels, box_mask=box_mask),
+             "eps_empty_layout": dict(text=inp["text_context"]),
+             "eps_uncond": dict(text=neg, boxes=boxes, labels=labels, box_mask=torch.zeros_like(box_mask))}
+    if option == "compile":  # the empty layout is one more graph to capture (7 s on the CPU): left out
+        del calls["eps_empty_layout"]
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if option == "bf16" else full_fp32()
+    with amp:
+        for name, kw in calls.items():
+            if option == "prepared":
+                kw = unet.prepare_condition(x.shape, **kw)
+            eps = model(x, inp["timesteps"], **kw).float().cpu()
+            if option == "bf16":
+                rel = ((eps - out[name]).norm() / out[name].norm()).item()
+                assert rel < BF16_REL, (name, rel)
+            else:
+                torch.testing.assert_close(eps, out[name], atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}: {m}")
 
 
 def test_original_alias_keys_and_shapes_load(parity_dir):

@@ -437,3 +437,18 @@ def test_benchmark_segmentation_model_writes_masks(tmp_path, capsys):
     cli(["--seg-mask", str(out / "masks" / "0000.png"), "--ckpt", str(ckpt), "--out", str(tmp_path / "same")])
     assert same_up_to_rounding(pixels(tmp_path / "same" / "0000.png"), pixels(out / "samples/r0" / "0000.png"))
     assert not np.array_equal(pixels(tmp_path / "other" / "0000.png"), pixels(out / "samples/r0" / "0000.png"))
+
+
+def test_sample_compile_draws_the_same_images(tiny_run, tmp_path, monkeypatch):
+    """--compile (torch.compile of the UNet; CUDA graphs on a GPU) changes no image. Here the graphs
+    are captured by dynamo and run eagerly (backend "eager": seconds, no C++ compiler); the GPU
+    session runs the real inductor + CUDA-graph path (.ci/gpu)."""
+    layout = write_layouts(tmp_path / "layouts.json", LAYOUTS)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: real_compile(model, backend="eager"))
+    torch._dynamo.reset()
+    for name, extra in (("plain", []), ("compiled", ["--compile"])):
+        cli(["--ckpt", str(tiny_run / "last.pt"), "--layout", str(layout), "--out", str(tmp_path / name),
+             "--device", "cpu", *extra])
+    for i in range(len(LAYOUTS)):
+        assert np.array_equal(pixels(tmp_path / "plain" / f"{i:04d}.png"), pixels(tmp_path / "compiled" / f"{i:04d}.png"))
