@@ -77,6 +77,7 @@ import torch
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import model
 import train
 from diffusion import Diffusion, DiffusionConfig
 from model import LayoutAttention, LayoutUNet, ModelConfig, box_regions, box_windows, layout_raster
@@ -506,6 +507,10 @@ def section_a_tricks(args, env: dict):
                 p.data = p.data.to(dtype)
         trick("frozen weights stored in bf16", lambda: train_step(args, env, batch),
               lambda: store(torch.bfloat16), lambda: store(torch.float32))
+    if any(m.qkv.in_features > model.SDPA_MAX_HEAD_DIM for m in unet.modules() if isinstance(m, LayoutAttention)):
+        limit = model.SDPA_MAX_HEAD_DIM  # the layout blocks' one wide head through SDPA, as before wide_attention
+        trick("layout attention by SDPA (head dim > 256: memory-efficient kernel)", lambda: train_step(args, env, batch),
+              lambda: setattr(model, "SDPA_MAX_HEAD_DIM", 1 << 30), lambda: setattr(model, "SDPA_MAX_HEAD_DIM", limit))
     ema = copy.deepcopy(unet).requires_grad_(False)
     trick("+ EMA as train.py (trained parameters only, one foreach lerp)",
           lambda: train_step(args, env, batch, ema=lambda: train.update_ema(ema, unet, 0.999)))

@@ -144,6 +144,26 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
+# SDPA's fast CUDA kernels (flash, cuDNN) take head dims up to 256. The layout blocks attend with ONE
+# head over all C channels (640 and 1280 in SD1.5), where SDPA falls back to its memory-efficient
+# kernel, whose backward alone was 22 % of an SD1.5 training step (H200, batch 32, bf16): plain
+# matmuls there instead (`wide_attention`).
+SDPA_MAX_HEAD_DIM = 256
+
+
+def wide_attention(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(d) over the keys where mask is True) v, for q, k, v (..., L, d) and mask
+    broadcastable to (..., Lq, Lk): SDPA up to head dim SDPA_MAX_HEAD_DIM, explicit matmuls above
+    (scores (..., Lq, Lk) materialised; the layout blocks' maps are 32x32 at most in SD1.5). Every
+    softmax row needs one key: the caller guarantees it."""
+    if q.shape[-1] <= SDPA_MAX_HEAD_DIM:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # the scale on q: L*d multiplies, not L*L
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1).to(v.dtype) @ v  # softmax max-subtracted: stable for any logits
+
+
 def heads_attention(q, k, v, heads: int):
     """Multi-head softmax attention on token tensors (B, Lq, heads*dh), (B, Lk, heads*dh) -> (B, Lq, heads*dh).
     Scale dh^-1/2. SDPA picks the flash / memory-efficient kernel where one applies."""
@@ -350,10 +370,11 @@ class LayoutAttention(nn.Module):
     layout_partial_v2 (the paper's default), batched: with P = to_prompt_token(raster) the prompt
     tokens (shared by all boxes: in overlaps they encode the average class), box j attends only
     inside its region R_j:  out_j[t] = softmax_{s in R_j}((q+P_q)_t . (k+P_k)_s / sqrt(C)) (v+P_v)_s.
-    All boxes of all images go through ONE SDPA call with the N boxes as N "heads" and a boolean key
-    mask, so the restricted softmax is SDPA's own (max-subtracted, stable for any logits; never a
-    global softmax re-normalised over the region, which underflows) and no (B, N, L, L) tensor is
-    built here. Two ways to lay out the boxes (config `layout_attn_impl`, same result):
+    All boxes of all images go through ONE attention call with the N boxes as N "heads" and a
+    boolean key mask, so the restricted softmax is a max-subtracted one (stable for any logits; never
+    a global softmax re-normalised over the region, which underflows); over head dim 256 the scores
+    are materialised (wide_attention): (B, N, Lw, Lw) windowed, (B, N, L, L) masked. Two ways to lay
+    out the boxes (config `layout_attn_impl`, same result):
       window: gather each box's cells into a window of the batch's largest box, attend inside the
               window (padding cells masked), scatter-add back: work ~ B*N*box^2*C, like the original.
       masked: queries/keys/values are the same (B, L, C) tensors broadcast to N heads (expand, no
@@ -385,12 +406,12 @@ class LayoutAttention(nn.Module):
         prompt = self.to_prompt_token(layout["raster"].to(qkv.dtype))        # (B, L, 3C)
         if self.attn_type in ("layout", "segmentation"):
             q, k, v = (qkv + prompt).unsqueeze(1).chunk(3, dim=-1)           # (B, 1, L, C) each
-            a = F.scaled_dot_product_attention(q, k, v)[:, 0]
+            a = wide_attention(q, k, v)[:, 0]
         else:
             # a_null: every cell carries the null token; that token is one vector, so add it as such
             null_prompt = self.to_prompt_token(table.weight[-1].to(qkv.dtype))  # (3C,)
             q0, k0, v0 = (qkv + null_prompt).unsqueeze(1).chunk(3, dim=-1)
-            a = F.scaled_dot_product_attention(q0, k0, v0)[:, 0]             # (B, L, C)
+            a = wide_attention(q0, k0, v0)[:, 0]                            # (B, L, C)
             if layout["region"] is not None and layout["region"].shape[1] > 0:
                 a = self._partial(a, qkv + prompt, layout)
         out = self.proj_out(a)
@@ -415,7 +436,7 @@ class LayoutAttention(nn.Module):
         # padding boxes have no cells: let them see every key (their rows are discarded) so that no
         # softmax row is all -inf (that gives NaN, and NaN * 0 is still NaN)
         keys = keys | ~keys.any(-1, keepdim=True)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, :, None, :])
+        out = wide_attention(q, k, v, keys[:, :, None, :])
         if "index" in layout:  # scatter the valid window cells back onto the map, summing overlaps
             out = out * valid[..., None].to(out.dtype)
             summed = torch.zeros_like(a_null).scatter_add_(1, index.reshape(B, N * Lw, 1).expand(-1, -1, C),
