@@ -2,10 +2,11 @@
 Speed, FLOPs and memory of the layout UNet: training step, layout-attention share, sampling, the
 whole pipeline, and our batched layout conditioning against the original's one-image loop.
 
-THE GPU RUN TO DO (one H100, about 3 minutes eager, up to ~8 with --compile; it stops starting new
-rows after 7.5 minutes, --minutes changes that; rows print as they are measured):
+THE GPU RUN (on an H200: 137 s eager, 373 s with --compile; it stops starting new rows after 7.5
+minutes, --minutes changes that; rows print as they are measured; .ci/gpu runs it after the GPU
+correctness checks; the README holds the figures):
 
-    python bench.py --preset coco_sd15 --device cuda [--compile]
+    python bench.py --preset coco_sd15 --device cuda [--compile] [--profile FILE]
 
     python bench.py --threads 1                  # CPU, the default preset (the SD topology scaled down)
     python bench.py --tiny                       # seconds; CI runs it so every code path keeps working
@@ -32,7 +33,8 @@ Rows (--only takes any of the sections; one Markdown table, `x` has its own):
      "trick ...": one speed trick alone at a batch that fitted (32), against "trick base" at the same
      batch ("vs base"): what each trick buys, measured. channels_last, cudnn.benchmark, the masked
      layout attention (no host sync), gradient checkpointing (its cost), frozen weights stored in
-     bf16, and train.py's EMA (of the trained parameters, one foreach lerp).
+     bf16, the layout blocks' wide head through SDPA instead of wide_attention's matmuls (the
+     before), and train.py's EMA (of the trained parameters, one foreach lerp).
      "compiled step" (--compile): the step through torch.compile; the note gives the first call.
   b  "layout blocks' share": the step timed again with every LayoutAttention replaced by `x + s`
      (s a trainable scalar per block, so the backward still runs through every later layer, as with
@@ -41,7 +43,8 @@ Rows (--only takes any of the sections; one Markdown table, `x` has its own):
   d  "sample": CLIP encode of the captions and the empty ones, 20 PLMS steps with guidance 7.5
      (cond and uncond in ONE batch of 2B: 21 UNet calls, the first step makes two), VAE decode to
      512 px; ms per run of `batch` images. Batch 1: latency, target <= 0.3 s; 8, 16: target >= 15
-     images/s. "compiled sample" (--compile): batch 1 through torch.compile.
+     images/s. "compiled sample" (--compile): batch 1 through torch.compile with CUDA graphs
+     (mode reduce-overhead, as sample.py --compile); the note gives the first call.
   e  "peak memory": a training step at batch 1, target <= 9.4 GiB (the frozen autoencoder and text
      encoder are on the device too; train.py's EMA copy would add the UNet's size, in the note).
      "largest batch": the largest forward+backward that fits, without and with model.use_checkpoint:
