@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import model
 from model import (LayoutAttention, LayoutPrompt, LayoutUNet, ModelConfig, box_coord_features, box_regions, box_windows,
                    layout_raster)
 
@@ -117,7 +118,7 @@ def test_parity_layout_unet_speed_options(parity_dir, option):
     inp = {k: v.to(dev) for k, v in inp.items()}
     boxes, labels, box_mask = padded_layout(inp["layout_boxes"], inp["layout_num_boxes"])
     x = inp["x"]
-    model = unet
+    net = unet
     if option == "masked":
         unet.cfg.layout_attn_impl = "masked"
     elif option == "channels_last":
@@ -125,7 +126,7 @@ def test_parity_layout_unet_speed_options(parity_dir, option):
         x = x.contiguous(memory_format=torch.channels_last)
     elif option == "compile":  # inductor on CUDA; on the CPU the same graph capture, run eagerly (seconds)
         torch._dynamo.reset()
-        model = torch.compile(unet, backend="inductor" if dev.type == "cuda" else "eager")
+        net = torch.compile(unet, backend="inductor" if dev.type == "cuda" else "eager")
     neg = inp["negative_text_context"].expand(4, -1, -1)
     calls = {"eps_cond": dict(text=inp["text_context"], boxes=boxes, labels=labels, box_mask=box_mask),
              "eps_empty_layout": dict(text=inp["text_context"]),
@@ -137,7 +138,7 @@ def test_parity_layout_unet_speed_options(parity_dir, option):
         for name, kw in calls.items():
             if option == "prepared":
                 kw = unet.prepare_condition(x.shape, **kw)
-            eps = model(x, inp["timesteps"], **kw).float().cpu()
+            eps = net(x, inp["timesteps"], **kw).float().cpu()
             if option == "bf16":
                 rel = ((eps - out[name]).norm() / out[name].norm()).item()
                 assert rel < BF16_REL, (name, rel)
@@ -261,10 +262,15 @@ def loop_layout_attention(block, x, boxes, labels, table):
     return x + block.proj_out(out).T.reshape(C, H, W)
 
 
-@pytest.mark.parametrize("impl,C", [("window", 32), ("masked", 32),
-                                    ("window", 320), ("masked", 320)])  # 320: over SDPA_MAX_HEAD_DIM, matmuls
+@pytest.mark.parametrize("impl,C,max_scores", [("window", 32, None), ("masked", 32, None),
+                                               ("window", 320, None), ("masked", 320, None),  # matmuls
+                                               ("window", 320, 0), ("masked", 320, 0)])  # scores too many: SDPA
 @torch.no_grad()
-def test_layout_attention_matches_loop_reference(impl, C):
+def test_layout_attention_matches_loop_reference(impl, C, max_scores, monkeypatch):
+    """C=320 is over SDPA_MAX_HEAD_DIM: wide_attention's matmuls, or SDPA where the scores would be
+    over WIDE_MATMUL_MAX_SCORES (0 here)."""
+    if max_scores is not None:
+        monkeypatch.setattr(model, "WIDE_MATMUL_MAX_SCORES", max_scores)
     gen = torch.Generator().manual_seed(2)
     torch.manual_seed(2)
     block = LayoutAttention(C, 8, "layout_partial_v2")
