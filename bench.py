@@ -522,19 +522,24 @@ def section_a_tricks(args, env: dict):
 
 
 def profile_step(args, env: dict):
-    """torch.profiler's table of one training step at the trick batch, after a warm-up: where the
-    time goes, kernel by kernel (--profile FILE)."""
+    """torch.profiler's tables of one training step at the trick batch, after a warm-up: where the
+    time goes, op by op (--profile FILE); then the same step with the layout blocks bypassed (as
+    section b), so that the difference of the two tables is the layout blocks' own work."""
     from torch.profiler import ProfilerActivity, profile
     batch = make_batch(args.trick_batch, env["mc"], env["latent"], env["tc"].max_len, args.boxes, env["gen"],
                        args.device)
-    train_step(args, env, batch)
     cuda = args.device == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        train_step(args, env, batch)
-        sync(args.device)
-    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                      row_limit=60, max_name_column_width=90)
-    Path(args.profile).write_text(f"one training step, batch {args.trick_batch}, {args.dtype}\n{table}\n")
+    tables = []
+    for what, layout in (("one training step", True), ("the same, layout blocks bypassed (x + s)", False)):
+        with layout_bypassed(env["unet"]) if not layout else contextlib.nullcontext():
+            train_step(args, env, batch, layout=layout)
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+                train_step(args, env, batch, layout=layout)
+                sync(args.device)
+        table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                          row_limit=60, max_name_column_width=90)
+        tables.append(f"{what}, batch {args.trick_batch}, {args.dtype}\n{table}\n")
+    Path(args.profile).write_text("\n".join(tables))
 
 
 def section_a_compiled(args, env: dict, compiled):

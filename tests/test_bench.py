@@ -2,6 +2,7 @@
 FLOP count behind TFLOP/s equals an analytic count; the coco_sd15 UNet has the issue's parameter
 counts; the batch search finds the limit; and the re-creation of the original's per-box loop
 computes what LayoutAttention computes (so the timings compare the same work)."""
+import pytest
 import torch
 
 import bench
@@ -62,6 +63,36 @@ def test_bench_tiny_runs(capsys):
     assert "share " in share[8] and "%" in share[8]
     search = next(r for w, r in by_what.items() if w.startswith("largest batch, forward+backward, use_checkpoint"))
     assert int(search[2]) >= 1
+
+
+def test_bench_profile_writes_both_tables(tmp_path):
+    """--profile: the step's op table, then the same step with the layout blocks bypassed."""
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--tiny", "--only", "a", "--profile", str(tmp_path / "p.txt")])
+    finally:
+        torch.set_num_threads(threads)
+    text = (tmp_path / "p.txt").read_text()
+    full, bypassed = text.split("the same, layout blocks bypassed (x + s)")
+    assert full.startswith("one training step, batch 2") and "aten::" in full and "aten::" in bypassed
+
+
+def test_bench_failing_section_is_a_row_and_the_exit_status(capsys, monkeypatch):
+    """A GPU lease is one shot: a section that raises prints a FAILED row, the next section still
+    runs, and the exit status says so."""
+    def broken(args, env):
+        raise RuntimeError("planted failure\nsecond line")
+    monkeypatch.setattr(bench, "section_e", broken)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--tiny", "--only", "e,f"])
+    finally:
+        torch.set_num_threads(threads)
+    assert stop.value.code == 1
+    out = capsys.readouterr().out
+    assert "| e | FAILED (e): RuntimeError: planted failure |" in out
+    assert "| f | pipeline: latent cache" in out and "# done in" in out and "FAILED: e" in out
 
 
 def transformer_flops(B: int, C: int, L: int, T: int, ctx: int, backward: bool) -> int:
