@@ -74,8 +74,8 @@ class TrainConfig:
     text_dropout: float = 0.1           # drop the caption to "" (the unconditional text): trains the text-free model for guidance
     seed: int = 0
     num_workers: int = 0
-    latent_cache: bool = True           # encode the training images once, train on the stored posteriors
-    compile: bool = False               # torch.compile the UNet (CUDA only)
+    latent_cache: bool = True           # encode once, train on stored posteriors (SD1.5: 49.7 -> 61.1 img/s, H200)
+    compile: bool = False               # torch.compile the UNet (CUDA only): SD1.5 step 1.36x (H200, README)
     device: str = "auto"                # auto | cpu | cuda
     log_every: int = 50
     signal_every: int = 10              # DDP: steps between the ranks' agreement on a stop signal (a collective)
@@ -515,7 +515,7 @@ def main(argv=None):
         log(f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
             f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device} | world {world} | micro-batch {micro}")
         model = DDP(unet, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else unet
-        if tc.compile and device.type == "cuda":
+        if tc.compile and device.type == "cuda":  # fewer launches, fused elementwise work (see README)
             model = torch.compile(model)
         diffusion = Diffusion(dc).to(device)
 
