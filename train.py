@@ -519,6 +519,9 @@ def main(argv=None):
             model = torch.compile(model)
         diffusion = Diffusion(dc).to(device)
 
+        def to_dev(x):  # non_blocking: the loader pins its batches on CUDA, so the copies overlap the GPU's work
+            return x.to(device, non_blocking=True)
+
         # --- fixed conditions and noise for the sample grids ---
         val = build_dataset(cfg["data"], "val", cfg["model"].max_objects, label_order)
         items = [val[i] for i in range(min(tc.sample_n, len(val)))]
@@ -612,8 +615,6 @@ def main(argv=None):
                     # a resumed run draws exactly what the uninterrupted run would have drawn
                     gen.manual_seed((tc.seed << 40) ^ (rank << 32) ^ (step * tc.grad_accum + micro_step))
                     n = max(1, int(batch["box_mask"].sum(1).max()))  # trim padding (CPU tensor: no device sync)
-                    # non_blocking: the loader pins its batches on CUDA, so these copies overlap the GPU's work
-                    to_dev = lambda x: x.to(device, non_blocking=True)  # noqa: E731
                     boxes, labels, box_mask = (to_dev(batch[k][:, :n]) for k in ("boxes", "labels", "box_mask"))
                     with torch.no_grad():
                         if tc.latent_cache:

@@ -24,13 +24,17 @@ TINY_ROWS = {  # section -> the start of each row it must print
 }
 
 
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """bench.main sets the preset's thread count (tiny: one); the other tests get theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_bench_tiny_runs(capsys):
     """In-process (a subprocess would import torch again: 10 s on the shared CI box)."""
-    threads = torch.get_num_threads()
-    try:
-        bench.main(["--tiny"])  # sets one thread
-    finally:
-        torch.set_num_threads(threads)
+    bench.main(["--tiny"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# bench.py ") and "torch " in lines[0]
     # section x: the README's tables
@@ -67,11 +71,7 @@ def test_bench_tiny_runs(capsys):
 
 def test_bench_profile_writes_both_tables(tmp_path):
     """--profile: the step's op table, then the same step with the layout blocks bypassed."""
-    threads = torch.get_num_threads()
-    try:
-        bench.main(["--tiny", "--only", "a", "--profile", str(tmp_path / "p.txt")])
-    finally:
-        torch.set_num_threads(threads)
+    bench.main(["--tiny", "--only", "a", "--profile", str(tmp_path / "p.txt")])
     text = (tmp_path / "p.txt").read_text()
     full, bypassed = text.split("the same, layout blocks bypassed (x + s)")
     assert full.startswith("one training step, batch 2") and "aten::" in full and "aten::" in bypassed
@@ -83,12 +83,8 @@ def test_bench_failing_section_is_a_row_and_the_exit_status(capsys, monkeypatch)
     def broken(args, env):
         raise RuntimeError("planted failure\nsecond line")
     monkeypatch.setattr(bench, "section_e", broken)
-    threads = torch.get_num_threads()
-    try:
-        with pytest.raises(SystemExit) as stop:
-            bench.main(["--tiny", "--only", "e,f"])
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--tiny", "--only", "e,f"])
     assert stop.value.code == 1
     out = capsys.readouterr().out
     assert "| e | FAILED (e): RuntimeError: planted failure |" in out
