@@ -33,8 +33,9 @@ Rows (--only takes any of the sections; one Markdown table, `x` has its own):
      "trick ...": one speed trick alone at a batch that fitted (32), against "trick base" at the same
      batch ("vs base"): what each trick buys, measured. channels_last, cudnn.benchmark, the masked
      layout attention (no host sync), gradient checkpointing (its cost), frozen weights stored in
-     bf16, the layout blocks' wide head through SDPA instead of wide_attention's matmuls (the
-     before), and train.py's EMA (of the trained parameters, one foreach lerp).
+     bf16, the norms through float32 copies (model.NORMS_IN_INPUT_DTYPE off: the before), the
+     layout blocks' wide head through SDPA instead of wide_attention's matmuls (the before), and
+     train.py's EMA (of the trained parameters, one foreach lerp).
      "compiled step" (--compile): the step through torch.compile; the note gives the first call.
   b  "layout blocks' share": the step timed again with every LayoutAttention replaced by `x + s`
      (s a trainable scalar per block, so the backward still runs through every later layer, as with
@@ -509,6 +510,9 @@ def section_a_tricks(args, env: dict):
                 p.data = p.data.to(dtype)
         trick("frozen weights stored in bf16", lambda: train_step(args, env, batch),
               lambda: store(torch.bfloat16), lambda: store(torch.float32))
+        trick("norms through float32 copies (the original's GroupNorm32, and autocast's LayerNorm)",
+              lambda: train_step(args, env, batch), lambda: setattr(model, "NORMS_IN_INPUT_DTYPE", False),
+              lambda: setattr(model, "NORMS_IN_INPUT_DTYPE", True))
     if any(m.qkv.in_features > model.SDPA_MAX_HEAD_DIM for m in unet.modules() if isinstance(m, LayoutAttention)):
         limit = model.SDPA_MAX_HEAD_DIM  # the layout blocks' one wide head through SDPA, as before wide_attention
         trick("layout attention by SDPA (head dim > 256: memory-efficient kernel)", lambda: train_step(args, env, batch),
@@ -987,6 +991,8 @@ def main(argv=None):
         if sec in args.only and not over_budget(args):
             run(sec, fn, args, env)
     if args.compile:  # last: compiling takes minutes, and the time budget may cut it
+        env["unet"].group_windows = False  # one window length: graphs that do not change with the layout
+
         def compiled(mode: str):
             if args.compile_backend != "inductor":  # a mode is inductor's
                 return torch.compile(env["unet"], backend=args.compile_backend)

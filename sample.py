@@ -365,7 +365,9 @@ def main(argv=None):
                                                                  args.allow_pickle, args.text_weights)
         dc = cfg["diffusion"]
         if args.compile:  # CUDA graphs: one SD1.5 image 1.14 s -> 0.27 s on an H200; the maps are built
-            # outside the graph (prepare_condition), so it has no host sync
+            # outside the graph (prepare_condition), so it has no host sync; with one window length, so
+            # that a new layout does not change the graph's inputs' structure (no recompiles)
+            unet.group_windows = False
             unet = torch.compile(unet, mode="reduce-overhead" if device.type == "cuda" else "default")
         negative_text = None
         if text is not None:  # the unconditional text of guidance, encoded once

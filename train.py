@@ -516,6 +516,7 @@ def main(argv=None):
             f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device} | world {world} | micro-batch {micro}")
         model = DDP(unet, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else unet
         if tc.compile and device.type == "cuda":  # fewer launches, fused elementwise work (see README)
+            unet.group_windows = False  # one window length: graphs that do not change with the layout
             model = torch.compile(model)
         diffusion = Diffusion(dc).to(device)
 

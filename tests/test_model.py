@@ -262,13 +262,62 @@ def loop_layout_attention(block, x, boxes, labels, table):
     return x + block.proj_out(out).T.reshape(C, H, W)
 
 
+@pytest.mark.parametrize("min_len,grouped", [(1, True), (8, True), (64, True), (8, False)])
+def test_box_windows_list_each_real_box_once_by_length(min_len, grouped, monkeypatch):
+    """Every real box in exactly one window of a power-of-two length (at least WINDOW_MIN_LEN, at most
+    the map rounded up to 8), its valid positions exactly its cells, padding boxes nowhere; not
+    grouped: all in one window."""
+    monkeypatch.setattr(model, "WINDOW_MIN_LEN", min_len)
+    gen = torch.Generator().manual_seed(5)
+    B, N, H, W = 6, 7, 12, 10
+    boxes, _, box_mask = random_layouts(B, N, gen)
+    region = box_regions(boxes, box_mask, H, W).view(B * N, H * W)
+    windows = box_windows(boxes, box_mask, H, W, grouped=grouped)["windows"]
+    assert len(windows) > (1 if min_len == 1 else 0) if grouped else len(windows) == 1
+    got = []
+    for index, valid in windows:
+        Lw = index.shape[1]
+        assert Lw == 120 or (Lw >= min_len and Lw & (Lw - 1) == 0), Lw  # 120: the 12x10 map, a multiple of 8
+        assert index.dtype == torch.long and valid.dtype == torch.bool and index.min() >= 0 and index.max() < B * H * W
+        for idx, ok in zip(index, valid):
+            cells = idx[ok]
+            assert not grouped or ok.sum() > Lw // 2 or Lw == max(min_len, 1) or Lw == 120  # at most twice the box
+            assert (idx // (H * W) == cells[0] // (H * W)).all()             # one image, invalid slots included
+            got.append((int(cells[0]) // (H * W), sorted((cells % (H * W)).tolist())))
+    want = [(i, region[i * N + j].nonzero()[:, 0].tolist()) for i in range(B) for j in range(N) if box_mask[i, j]]
+    assert sorted(got) == sorted(want)
+
+
+@torch.no_grad()
+def test_compiled_unet_stops_recompiling_over_new_layouts():
+    """With group_windows False (what train.py and sample.py set before torch.compile) a new layout
+    changes no graph input's structure: once the window sizes have turned dynamic, no new graphs
+    (grouped windows kept adding graphs until dynamo's recompile limit)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    unet = tiny_unet(num_res_blocks=1)
+    unet.group_windows = False
+    net = torch.compile(unet, backend="eager")  # dynamo's graphs and guards, without inductor's compile time
+    gen = torch.Generator().manual_seed(3)
+    graphs = []
+    for _ in range(8):
+        boxes, labels, box_mask = random_layouts(3, 5, gen)
+        net(torch.randn(3, 4, 16, 16, generator=gen), torch.randint(0, 1000, (3,), generator=gen),
+            torch.randn(3, 5, 16, generator=gen), boxes, labels, box_mask)
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[4] == graphs[-1], graphs
+
+
 @pytest.mark.parametrize("impl,C,max_scores", [("window", 32, None), ("masked", 32, None),
                                                ("window", 320, None), ("masked", 320, None),  # matmuls
                                                ("window", 320, 0), ("masked", 320, 0)])  # scores too many: SDPA
 @torch.no_grad()
 def test_layout_attention_matches_loop_reference(impl, C, max_scores, monkeypatch):
     """C=320 is over SDPA_MAX_HEAD_DIM: wide_attention's matmuls, or SDPA where the scores would be
-    over WIDE_MATMUL_MAX_SCORES (0 here)."""
+    over WIDE_MATMUL_MAX_SCORES (0 here). Windows from length 1 up: several window lengths."""
+    monkeypatch.setattr(model, "WINDOW_MIN_LEN", 1)
     if max_scores is not None:
         monkeypatch.setattr(model, "WIDE_MATMUL_MAX_SCORES", max_scores)
     gen = torch.Generator().manual_seed(2)
