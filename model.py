@@ -467,7 +467,9 @@ class LayoutAttention(nn.Module):
     def forward(self, x, layout: dict, table: nn.Embedding):
         """x (B, C, H, W); layout["raster"] (B, L, d) class-embedding map, layout["region"] (B, N, L)."""
         B, C, H, W = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2).contiguous()             # (B, L, C): one GEMM with its bias
+        # (B, L, C), contiguous: F.linear then adds the bias inside its GEMM, where on a transposed
+        # input it adds it in a pass over the (B, L, 3C) output, three times the bytes of this copy
+        h = self.norm(x).flatten(2).transpose(1, 2).contiguous()
         raster, Wp = layout["raster"], self.to_prompt_token.weight
         # q, k, v with each cell's prompt token added, qkv(h) + to_prompt_token(token), the adds done
         # inside the GEMMs instead of as (B, L, 3C) sums of their own: a token shared by every cell
