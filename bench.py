@@ -501,7 +501,7 @@ def section_a_tricks(args, env: dict):
     trick("use_checkpoint (recompute in backward)", lambda: train_step(args, env, batch),
           lambda: setattr(unet.cfg, "use_checkpoint", True), lambda: setattr(unet.cfg, "use_checkpoint", False))
     if args.dtype == "bf16":  # autocast then stops casting the 860 M frozen weights at every use
-        norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)  # these stay float32: they run in float32
+        norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)  # kept float32: the norms' float32 path (next row) needs it
         frozen = [p for m in unet.modules() if not isinstance(m, norms) for p in m.parameters(recurse=False)
                   if not p.requires_grad]
 
