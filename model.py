@@ -100,7 +100,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 # copy in, a rounded copy out) and autocast (the same for LayerNorm) do, with two passes over the
 # activations fewer: ~18 of the ~24 bytes a norm's forward moves per element, ~1.5 G elements in the
 # SD1.5 step's forward at batch 32 (counted). Their weights are rounded to the input dtype for the call.
-# False: the float32 copies (bench.py's trick row measures the difference).
+# False: the float32 copies (bench.py's trick row). Measured, H200, SD1.5 step at batch 32: 219.7 ms
+# against 248.6 ms with the copies; at batch 8, where the host's launches set the time, 134 against 112.
 NORMS_IN_INPUT_DTYPE = True
 
 
@@ -355,18 +356,31 @@ def box_regions(boxes: torch.Tensor, box_mask: torch.Tensor, H: int, W: int) -> 
 # (bench layouts), counted: at 32x32, 0.09 instead of 0.78 of the global attention's score work
 # and 0.53 instead of 2.5 maps of gathered cells, in ~4 calls instead of one (without the 1/16
 # floor: the same work in ~6.5 calls); lengths of multiples of 8 keep cuBLAS on aligned kernels.
+# Measured, H200, with this file's other layout-block changes of the same commit: the SD1.5 step at
+# batch 32 273.7 -> 220.4 ms, its layout blocks' share 25.5 -> 19.7 %.
 WINDOW_MIN_LEN = 8
 
 
-def box_windows(boxes: torch.Tensor, box_mask: torch.Tensor, H: int, W: int, grouped: bool = True) -> dict:
+@torch.compiler.disable  # host-side bookkeeping: no graph to capture
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device` without waiting for the work queued there: a blocking copy waits
+    for the GPU's queue (a sync), a non-blocking one from pageable memory may, one from pinned memory
+    just queues behind it."""
+    if device.type == "cuda" and not (t.is_pinned() and t.is_contiguous()):  # a strided one goes through
+        t = t.contiguous().pin_memory()                                      # a pageable copy first
+    return t.to(device, non_blocking=True)
+
+
+def box_windows(boxes: torch.Tensor, box_mask: torch.Tensor, H: int, W: int, grouped: bool = True,
+                device=None) -> dict:
     """The real boxes as windows of cell indices, for the windowed layout attention:
     {"windows": [(index, valid), ...]}, one entry per window length Lw, index (M, Lw) into the
     flattened B*H*W cells of the batch and valid (M, Lw) bool, each real box in exactly one entry,
     padding boxes in none. grouped False: one entry, every box at the longest length (a structure
     that does not change with the layout, for torch.compile: no recompiles). A box lists its cells
     row by row; positions past its area repeat cells of its last row and are not valid. Planned on
-    the host: one device-to-host copy of the boxes (a sync on a GPU), one host-to-device copy of
-    the plan."""
+    the host: boxes given there cost nothing; on a GPU, one device-to-host copy (a sync). One
+    host-to-device copy of the plan, to `device` (default: the boxes')."""
     host = torch.cat([boxes.double(), box_mask[..., None].double()], -1).cpu()
     row0, row1, col0, col1 = box_cells(host[..., :4], H, W)
     b, j = host[..., 4].bool().nonzero(as_tuple=True)                   # the real boxes
@@ -385,7 +399,7 @@ def box_windows(boxes: torch.Tensor, box_mask: torch.Tensor, H: int, W: int, gro
         cols = col0[sel, None] + p % width[sel, None]
         plan += [b[sel, None] * (H * W) + rows * W + cols, (p < area[sel, None]).long()]
         sizes.append((int(sel.sum()), Lw))
-    flat = torch.cat([t.flatten() for t in plan]).to(boxes.device) if plan else None
+    flat = to_device_async(torch.cat([t.flatten() for t in plan]), torch.device(device or boxes.device)) if plan else None
     windows, at = [], 0
     for M, Lw in sizes:
         index, valid = flat[at:at + M * Lw].view(M, Lw), flat[at + M * Lw:at + 2 * M * Lw].view(M, Lw)
@@ -644,7 +658,13 @@ class LayoutUNet(nn.Module):
         forward and shared by every layout block at that size; the box windows only for the sizes in
         attn_sizes, where a layout attention needs them."""
         table = self.cls_embedder
-        maps = {}
+        maps, host = {}, None
+        if boxes is not None and boxes.device.type == "cpu" and torch.device(device).type != "cpu":
+            # boxes given on the host (train.py's batches): the window plan reads them there, and the
+            # forward makes no device-to-host copy, so the host never waits for the GPU
+            mask = box_mask if box_mask is not None else torch.ones(labels.shape, dtype=torch.bool)
+            host = boxes, mask
+            boxes, labels, box_mask = (to_device_async(t, torch.device(device)) for t in (boxes, labels, mask))
         for H, W in sizes:
             if self.cfg.layout_attn_type == "segmentation":
                 if seg_mask is None:  # no mask: every pixel is "ignore" = null (our unconditional input)
@@ -665,7 +685,7 @@ class LayoutUNet(nn.Module):
                 maps[(H, W)] = {"raster": raster, "region": region}
                 if (self.cfg.layout_attn_impl == "window" and self.cfg.layout_attn_type.startswith("layout_partial")
                         and (H, W) in attn_sizes):
-                    maps[(H, W)].update(box_windows(boxes, mask, H, W, grouped=self.group_windows))
+                    maps[(H, W)].update(box_windows(*(host or (boxes, mask)), H, W, self.group_windows, device))
         return maps
 
     def layout_parameter_names(self) -> list[str]:

@@ -364,7 +364,7 @@ def main(argv=None):
         unet, ae, diffusion, cfg, class_names, text = load_model(args.ckpt, device, not args.no_ema, args.preset,
                                                                  args.allow_pickle, args.text_weights)
         dc = cfg["diffusion"]
-        if args.compile:  # CUDA graphs: one SD1.5 image 1.14 s -> 0.27 s on an H200; the maps are built
+        if args.compile:  # CUDA graphs: one SD1.5 image 1.13 s -> 0.24 s on an H200; the maps are built
             # outside the graph (prepare_condition), so it has no host sync; with one window length, so
             # that a new layout does not change the graph's inputs' structure (no recompiles)
             unet.group_windows = False

@@ -514,7 +514,9 @@ def main(argv=None):
             (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         log(f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
             f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device} | world {world} | micro-batch {micro}")
-        model = DDP(unet, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else unet
+        # no device_ids: DDP then leaves the inputs where they are (with them it copies every tensor
+        # argument to the GPU, the boxes too, whose window plan would then copy them back: a sync)
+        model = DDP(unet) if world > 1 else unet
         if tc.compile and device.type == "cuda":  # fewer launches, fused elementwise work (see README)
             unet.group_windows = False  # one window length: graphs that do not change with the layout
             model = torch.compile(model)
@@ -565,6 +567,7 @@ def main(argv=None):
         if steps_per_epoch == 0:
             raise UserError(f"data: {len(train_set)} training items are fewer than one batch of {tc.batch_size}")
         gen = torch.Generator(device)
+        host_gen = torch.Generator()  # the layout dropout: drawn on the host, where the boxes stay
         stop = {"signal": None, "received": None}  # received: by this process; signal: agreed by all ranks
         for sig in (signal.SIGTERM, signal.SIGINT):  # schedulers send these before preemption
             signal.signal(sig, lambda s, _: stop.update(received=s))
@@ -614,9 +617,12 @@ def main(argv=None):
                     batch = next(batches)
                     # noise, timesteps and dropout are a pure function of (seed, rank, step, micro-step):
                     # a resumed run draws exactly what the uninterrupted run would have drawn
-                    gen.manual_seed((tc.seed << 40) ^ (rank << 32) ^ (step * tc.grad_accum + micro_step))
+                    for g in (gen, host_gen):
+                        g.manual_seed((tc.seed << 40) ^ (rank << 32) ^ (step * tc.grad_accum + micro_step))
                     n = max(1, int(batch["box_mask"].sum(1).max()))  # trim padding (CPU tensor: no device sync)
-                    boxes, labels, box_mask = (to_dev(batch[k][:, :n]) for k in ("boxes", "labels", "box_mask"))
+                    # the layout stays on the host: the model plans its box windows there and copies
+                    # the plan over without waiting for the GPU (from device tensors: one sync per step)
+                    boxes, labels, box_mask = (batch[k][:, :n] for k in ("boxes", "labels", "box_mask"))
                     with torch.no_grad():
                         if tc.latent_cache:
                             mean, std = to_dev(batch["mean"]).float(), to_dev(batch["std"]).float()
@@ -625,14 +631,14 @@ def main(argv=None):
                         z = mean + std * torch.randn(mean.shape, generator=gen, device=device)
                         x_start = z * scale
                     B = x_start.shape[0]
-                    keep = torch.rand(B, generator=gen, device=device) >= tc.layout_dropout
+                    keep = torch.rand(B, generator=host_gen) >= tc.layout_dropout
                     box_mask = box_mask & keep[:, None]  # dropped layouts train the unconditional model
                     t = torch.randint(0, dc.n_timestep, (B,), generator=gen, device=device)
                     noise = torch.randn(x_start.shape, generator=gen, device=device)
                     cond = dict(boxes=boxes, labels=labels, box_mask=box_mask)
                     if segmentation:  # a dropped layout is an all-ignore mask: every pixel the null class
                         seg_mask = to_dev(batch["seg_mask"]).long()
-                        cond["seg_mask"] = torch.where(keep[:, None, None], seg_mask, torch.full_like(seg_mask, 255))
+                        cond["seg_mask"] = torch.where(to_dev(keep)[:, None, None], seg_mask, torch.full_like(seg_mask, 255))
                     if text_encoder is not None:  # drawn after the others: runs without text draw as before
                         drop = torch.rand(B, generator=gen, device=device) < tc.text_dropout
                         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
