@@ -43,7 +43,7 @@ import config
 from config import UserError, config_to_dict, read_class_names
 from dataset import AUTO_CAPTION, DataConfig, build_dataset, draw_layout, pil_to_tensor, tensor_to_pil
 from diffusion import Diffusion, DiffusionConfig
-from model import LayoutUNet, ModelConfig
+from model import LayoutUNet, ModelConfig, to_device_async
 from text import TextConfig, caption_context, encode_captions, load_text_encoder
 from vqvae import AutoencoderConfig, autoencoder_loss, build_autoencoder
 from weights import as_state_dict, find_text_weights, foundation_parts, foundation_to_layout_unet, load_foundation, read_file
@@ -638,7 +638,8 @@ def main(argv=None):
                     cond = dict(boxes=boxes, labels=labels, box_mask=box_mask)
                     if segmentation:  # a dropped layout is an all-ignore mask: every pixel the null class
                         seg_mask = to_dev(batch["seg_mask"]).long()
-                        cond["seg_mask"] = torch.where(to_dev(keep)[:, None, None], seg_mask, torch.full_like(seg_mask, 255))
+                        keep = to_device_async(keep, device)  # pinned first: a pageable copy may wait for the GPU
+                        cond["seg_mask"] = torch.where(keep[:, None, None], seg_mask, torch.full_like(seg_mask, 255))
                     if text_encoder is not None:  # drawn after the others: runs without text draw as before
                         drop = torch.rand(B, generator=gen, device=device) < tc.text_dropout
                         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
