@@ -657,14 +657,17 @@ class LayoutUNet(nn.Module):
         """Per feature-map size (H, W): the region masks and class-embedding raster, built once per
         forward and shared by every layout block at that size; the box windows only for the sizes in
         attn_sizes, where a layout attention needs them."""
-        table = self.cls_embedder
-        maps, host = {}, None
-        if boxes is not None and boxes.device.type == "cpu" and torch.device(device).type != "cpu":
-            # boxes given on the host (train.py's batches): the window plan reads them there, and the
-            # forward makes no device-to-host copy, so the host never waits for the GPU
-            mask = box_mask if box_mask is not None else torch.ones(labels.shape, dtype=torch.bool)
-            host = boxes, mask
-            boxes, labels, box_mask = (to_device_async(t, torch.device(device)) for t in (boxes, labels, mask))
+        table, maps = self.cls_embedder, {}
+        boxed = self.cfg.layout_attn_type != "segmentation" and boxes is not None and boxes.shape[1] > 0
+        windowed = boxed and self.cfg.layout_attn_impl == "window" and self.cfg.layout_attn_type.startswith("layout_partial")
+        if boxed:
+            if box_mask is None:
+                box_mask = torch.ones(labels.shape, dtype=torch.bool, device=boxes.device)
+            # the window plan is made on the host from one copy of the boxes: none when they come from
+            # there (train.py's batches: the forward then never waits for the GPU), else one sync
+            host = (boxes.cpu(), box_mask.cpu()) if windowed else None
+            if boxes.device.type == "cpu" and torch.device(device).type != "cpu":
+                boxes, labels, box_mask = (to_device_async(t, torch.device(device)) for t in (boxes, labels, box_mask))
         for H, W in sizes:
             if self.cfg.layout_attn_type == "segmentation":
                 if seg_mask is None:  # no mask: every pixel is "ignore" = null (our unconditional input)
@@ -673,19 +676,17 @@ class LayoutUNet(nn.Module):
                     m = subsample_mask(seg_mask, H).reshape(B, H * W)
                     idx = torch.where(m == 255, self.cfg.num_classes, m)
                 maps[(H, W)] = {"raster": table(idx.long()), "region": None}
-            elif boxes is None or boxes.shape[1] == 0:
+            elif not boxed:
                 raster = table.weight[-1].expand(B, H * W, -1)
                 maps[(H, W)] = {"raster": raster, "region": None}
             else:
-                mask = box_mask if box_mask is not None else torch.ones(labels.shape, dtype=torch.bool, device=device)
-                region = box_regions(boxes, mask, H, W)
+                region = box_regions(boxes, box_mask, H, W)
                 raster = layout_raster(region, labels, table)
                 if self.box_coord_proj is not None:
                     raster = raster + self.box_coord_proj(box_coord_features(boxes, region, H, W).to(raster.dtype))
                 maps[(H, W)] = {"raster": raster, "region": region}
-                if (self.cfg.layout_attn_impl == "window" and self.cfg.layout_attn_type.startswith("layout_partial")
-                        and (H, W) in attn_sizes):
-                    maps[(H, W)].update(box_windows(*(host or (boxes, mask)), H, W, self.group_windows, device))
+                if windowed and (H, W) in attn_sizes:
+                    maps[(H, W)].update(box_windows(*host, H, W, self.group_windows, device))
         return maps
 
     def layout_parameter_names(self) -> list[str]:

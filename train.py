@@ -75,7 +75,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     latent_cache: bool = True           # encode once, train on stored posteriors (SD1.5: 49.7 -> 61.1 img/s, H200)
-    compile: bool = False               # torch.compile the UNet (CUDA only): SD1.5 step 1.36x (H200, README)
+    compile: bool = False               # torch.compile the UNet (CUDA only): SD1.5 step 1.36x on an H200 before the layout-block changes (README)
     device: str = "auto"                # auto | cpu | cuda
     log_every: int = 50
     signal_every: int = 10              # DDP: steps between the ranks' agreement on a stop signal (a collective)

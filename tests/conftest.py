@@ -29,6 +29,21 @@ def parity_dir() -> Path:
     return d
 
 
+def write_celebamask(root: Path, images: list, masks: list, train: str, val: str) -> Path:
+    """A CelebAMask-HQ folder: image k (uint8 (H, W, 3)) as CelebA-HQ-img/k.jpg, its label mask
+    (uint8 (h, w), 255 = ignore) as CelebAMaskHQ-mask/k.png, and the split lists' texts."""
+    import numpy as np
+    from PIL import Image
+    (root / "CelebA-HQ-img").mkdir(parents=True)
+    (root / "CelebAMaskHQ-mask").mkdir()
+    for k, (image, mask) in enumerate(zip(images, masks)):
+        Image.fromarray(np.asarray(image, np.uint8)).save(root / "CelebA-HQ-img" / f"{k}.jpg")
+        Image.fromarray(np.asarray(mask, np.uint8)).save(root / "CelebAMaskHQ-mask" / f"{k}.png")
+    (root / "train.txt").write_text(train)
+    (root / "val.txt").write_text(val)
+    return root
+
+
 # -----------------------------------------------------------------------------
 # running the CLIs as subprocesses (tests/test_train.py, tests/test_sample.py)
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_celebamask
 from dataset import tensor_to_pil
 from sample import cli
 
@@ -413,18 +414,13 @@ def test_benchmark_segmentation_model_writes_masks(tmp_path, capsys):
     ckpt = tmp_path / "seg.pt"
     torch.save({"model": unet.state_dict(), "config": config_to_dict(cfg), "class_names": CELEBAMASK_CLASSES,
                 "autoencoder": ae.state_dict()}, ckpt)
-    root = tmp_path / "celeb"
-    (root / "CelebA-HQ-img").mkdir(parents=True)
-    (root / "CelebAMaskHQ-mask").mkdir()
     masks = []
     for k in range(2):
-        Image.fromarray(np.full((64, 64, 3), 100 + 50 * k, np.uint8)).save(root / "CelebA-HQ-img" / f"{k}.jpg")
         mask = np.full((32, 32), k + 1, np.uint8)  # skin, then nose
         mask[:8, :8] = 255
-        Image.fromarray(mask).save(root / "CelebAMaskHQ-mask" / f"{k}.png")
         masks.append(mask)
-    (root / "train.txt").write_text("0\n1\n")
-    (root / "val.txt").write_text("0\n1\n")
+    root = write_celebamask(tmp_path / "celeb", [np.full((64, 64, 3), 100 + 50 * k, np.uint8) for k in range(2)],
+                            masks, train="0\n1\n", val="0\n1\n")
     out = tmp_path / "bench"
     cli(["--ckpt", str(ckpt), "--data", "celebamask", f"--data.root={root}", "--out", str(out)])
     assert "2 layouts x 1 repeats" in capsys.readouterr().out

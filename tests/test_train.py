@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_RUN_ARGS, cli_env
+from conftest import ROOT, TINY_RUN_ARGS, cli_env, write_celebamask
 from train import UserError, cli, load_config
 
 # -----------------------------------------------------------------------------
@@ -351,17 +351,11 @@ def test_nonfinite_loss_stops_run_and_keeps_checkpoint(run_cli, tmp_path):
 def test_segmentation_model_trains_on_celebamask_masks(run_cli, tmp_path):
     """The training loop's segmentation branch (the celeb_mask setup, tiny): label masks instead of
     boxes, a dropped layout turned into an all-ignore mask; the run finishes with finite weights."""
-    from PIL import Image
     from real_datasets import CELEBAMASK_CLASSES
-    root, gen = tmp_path / "celeb", np.random.default_rng(0)
-    (root / "CelebA-HQ-img").mkdir(parents=True)
-    (root / "CelebAMaskHQ-mask").mkdir()
-    for k in range(4):
-        Image.fromarray(gen.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "CelebA-HQ-img" / f"{k}.jpg")
-        mask = gen.integers(0, len(CELEBAMASK_CLASSES), (16, 16)).astype(np.uint8)
-        Image.fromarray(mask).save(root / "CelebAMaskHQ-mask" / f"{k}.png")
-    (root / "train.txt").write_text("0\n1\n2\n3\n")
-    (root / "val.txt").write_text("0\n1\n")
+    gen = np.random.default_rng(0)
+    root = write_celebamask(tmp_path / "celeb", [gen.integers(0, 256, (32, 32, 3)) for _ in range(4)],
+                            [gen.integers(0, len(CELEBAMASK_CLASSES), (16, 16)) for _ in range(4)],
+                            train="0\n1\n2\n3\n", val="0\n1\n")
     out = tmp_path / "run"
     proc = run_cli("train.py", "--preset", "tiny", f"--train.out_dir={out}", "--data.name=celebamask",
                    f"--data.root={root}", "--model.layout_attn_type=segmentation",
