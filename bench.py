@@ -56,6 +56,12 @@ Rows (--only takes any of the sections; one Markdown table, `x` has its own):
   f  "pipeline": the step with the frozen autoencoder encoding 512 px images and CLIP encoding the
      captions every step, against a latent cache (posterior mean/std stored, text encoded), and
      section a's step (latents and text given).
+  m  "memory traffic": the bytes the layout blocks read and write in the UNet's forward + backward at
+     the trick batch (32), counted op by op on the meta device (no device, no time: seconds
+     anywhere) as the step with them less the step with them bypassed (as in b); also their ops
+     (each about one kernel launch) and FLOPs. Weights stored in the run's dtype (autocast's weight
+     copies not counted). A model of the blocks' memory-bound time, to check a change before a GPU
+     measures it.
   x  the README's tables: our batched layout conditioning against the original's one image at a
      time: one layout-attention block and one UNet forward, original loop / ours per image / ours
      batched (window, masked); ratio = speed-up over the group's first row.
@@ -118,7 +124,7 @@ PRESETS = {
         x=dict(batch=3, max_boxes=3, res=8, channels=32, class_embed_dim=8, num_classes=6,
                model_channels=32, channel_mult=[1, 2], text_tokens=4, context_dim=16)),
 }
-SECTIONS = "abcdefx"
+SECTIONS = "abcdefmx"
 
 # -----------------------------------------------------------------------------
 # configs
@@ -244,6 +250,61 @@ def count_flops(fn) -> int:
     with FlopCount() as counter:
         fn()
     return counter.total
+
+
+VIEW_OPS = {"view", "_unsafe_view", "as_strided", "t", "transpose", "expand", "unsqueeze", "squeeze", "slice",
+            "select", "split", "split_with_sizes", "chunk", "detach", "alias", "permute", "unflatten", "reshape",
+            "_reshape_alias", "unbind", "lift_fresh", "empty", "empty_like", "new_empty", "empty_strided"}
+
+
+class ByteCount(TorchDispatchMode):
+    """Bytes read and written, ops and FLOPs of the ops run inside. An op reads each tensor argument
+    once (a broadcast view: its storage) and writes its outputs; views and uninitialised allocations
+    move nothing, zero-filled ones only write; an indexed accumulation (index_put_, index_add_)
+    reads and writes only the rows it touches. A model of the traffic, not a trace of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = self.ops = self.flops = 0
+
+    @staticmethod
+    def size(t: torch.Tensor) -> int:
+        return min(t.numel(), t.untyped_storage().nbytes() // t.element_size()) * t.element_size()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func._overloadpacket.__name__
+        if name in VIEW_OPS:
+            return out
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if name in ("index_put", "index_put_", "_index_put_impl_", "index_add_", "index_add"):
+            moved = 2 * sum(self.size(t) for t in tensors[1:])  # indices and rows: read, and rows written
+            if not name.endswith("_"):  # out of place: a copy of the whole tensor first
+                moved += 2 * self.size(tensors[0])
+        elif name in ("new_zeros", "zeros", "zeros_like", "new_full", "full", "fill_", "zero_"):
+            moved = sum(self.size(t) for t in (outs or tensors[:1]))
+        else:
+            moved = sum(self.size(t) for t in tensors + outs)
+        self.bytes += moved
+        self.ops += 1
+        formula = flop_counter.flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **(kwargs or {}), out_val=out)
+        return out
+
+
+@contextlib.contextmanager
+def no_autocast_on_meta():
+    """torch.autocast knows no meta device, and the norms turn autocast off around their kernel
+    (model.GroupNorm32): a no-op there."""
+    real = torch.autocast
+    torch.autocast = lambda device_type, *a, **k: (contextlib.nullcontext() if device_type == "meta"
+                                                   else real(device_type, *a, **k))
+    try:
+        yield
+    finally:
+        torch.autocast = real
 
 
 def sync(device: str):
@@ -626,6 +687,33 @@ def section_b(args, env: dict):
     free_memory(dev)
 
 
+def section_m(args, mc: ModelConfig, latent: int, text_len: int):
+    """The layout blocks' memory traffic in the UNet's forward + backward at the trick batch, counted
+    on the meta device: the step with them less the step with them bypassed (x + s)."""
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    with torch.device("meta"):
+        unet = LayoutUNet(mc).to(dtype)
+    train.freeze_foundation(unet)
+    B = args.trick_batch
+    batch = make_batch(B, mc, latent, text_len, args.boxes, torch.Generator().manual_seed(0), "meta")
+
+    def count(layout: bool) -> ByteCount:
+        cond = {k: batch[k] for k in ("boxes", "labels", "box_mask")} if layout else {}
+        with no_autocast_on_meta(), ByteCount() as counter:
+            eps = unet(batch["x_start"].to(dtype), batch["t"], text=batch["text"].to(dtype), **cond)
+            eps.float().square().mean().backward()
+        return counter
+
+    full = count(True)
+    with layout_bypassed(unet):
+        bypassed = count(False)
+    # only the difference: on the meta device attention runs SDPA's math path, which materialises
+    # the scores that the flash kernels of a GPU never write, so the rest of the step reads high
+    moved, ops, flops = full.bytes - bypassed.bytes, full.ops - bypassed.ops, full.flops - bypassed.flops
+    emit(args, "m", f"layout blocks' forward + backward, memory traffic (counted), 1..{args.boxes} boxes", B,
+         note=f"{moved / 1e9:.2f} GB, {ops} ops, {flops / 1e12:.3g} TFLOP ({flops / full.flops * 100:.1f} % of the step's)")
+
+
 def section_d(args, env: dict, compiled=None, mode: str = "", batches=None):
     """End-to-end sampling: text encode, PLMS with batched guidance, VAE decode. batches: default
     the preset's sample_batches, or batch 1 alone through a compiled UNet."""
@@ -881,7 +969,7 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--preset", choices=list(PRESETS), default="default")
     parser.add_argument("--tiny", action="store_true", help="same as --preset tiny (CI smoke run)")
-    parser.add_argument("--only", default=SECTIONS, help="sections to run, e.g. a,b,d (default: all of abcdefx)")
+    parser.add_argument("--only", default=SECTIONS, help="sections to run, e.g. a,b,d (default: all of abcdefmx)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                         help="autocast dtype (default: bf16 on CUDA, fp32 on CPU, where bf16 is slow)")
     parser.add_argument("--compile", action="store_true", help="also time the step and batch-1 sampling compiled")
@@ -952,13 +1040,15 @@ def main(argv=None):
     if "x" in args.only and own_x:
         print_ratio_table([bench_layout_block(args), bench_unet(args, None)], args.sizes["x"]["batch"])
         progress("x done")
-    if not args.only & set("abcdef") and own_x:
-        return
-    env = build(args, mc, ac, tc)
-    progress("models built")
+    env = {}
+    if args.only & set("abcdef") or "x" in args.only and not own_x:
+        env = build(args, mc, ac, tc)
+        progress("models built")
     if "x" in args.only and not own_x:
         print_ratio_table([bench_layout_block(args), bench_unet(args, env)], args.sizes["x"]["batch"])
         progress("x done")
+    if not args.only & set("abcdefm"):
+        return
     print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
     failed = []
 
@@ -974,10 +1064,13 @@ def main(argv=None):
             failed.append(sec)
             first_line = (str(e).strip().splitlines() or [""])[0][:160]
             emit(args, sec[0], f"FAILED ({sec}): {type(e).__name__}: {first_line}")
-            env["unet"].train()
-            env["opt"].zero_grad(set_to_none=True)
-            free_memory(args.device, after_oom=True)
+            if env:
+                env["unet"].train()
+                env["opt"].zero_grad(set_to_none=True)
+                free_memory(args.device, after_oom=True)
 
+    if "m" in args.only:
+        run("m", section_m, args, mc, args.sizes["image_size"] // ac.downsample_factor, tc.max_len)
     if "c" in args.only:
         run("c", section_c_peak, args)
     a_results = {}

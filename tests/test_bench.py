@@ -21,6 +21,7 @@ TINY_ROWS = {  # section -> the start of each row it must print
           "largest batch, forward+backward, use_checkpoint"],
     "f": ["pipeline: encode images + text, then step", "pipeline: latent cache, encode text, then step",
           "latents and text given (section a)"],
+    "m": ["layout blocks' forward + backward, memory traffic (counted), 1..3 boxes"],
 }
 
 
@@ -67,6 +68,23 @@ def test_bench_tiny_runs(capsys):
     assert "share " in share[8] and "%" in share[8]
     search = next(r for w, r in by_what.items() if w.startswith("largest batch, forward+backward, use_checkpoint"))
     assert int(search[2]) >= 1
+
+
+def test_byte_count_models_reads_and_writes():
+    """ByteCount: an elementwise op reads its inputs and writes its output, a broadcast input counts
+    its storage, views move nothing, an indexed accumulation only the rows it touches."""
+    a, b, row = torch.ones(100, 10), torch.ones(100, 10), torch.ones(10)
+    with bench.ByteCount() as c:
+        a + b
+    assert (c.bytes, c.ops) == (3 * 4000, 1)
+    with bench.ByteCount() as c:
+        a.t().reshape(10, 100)[:5]
+        a + row.expand(100, 10)
+    assert (c.bytes, c.ops) == (4000 + 40 + 4000, 1)
+    index, rows = torch.tensor([1, 5, 7]), torch.ones(3, 10)
+    with bench.ByteCount() as c:
+        a.index_add_(0, index, rows)
+    assert c.bytes == 2 * (3 * 8 + 3 * 40)
 
 
 def test_bench_profile_writes_both_tables(tmp_path):

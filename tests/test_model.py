@@ -273,10 +273,12 @@ def test_box_windows_list_each_real_box_once_by_length(min_len, grouped, monkeyp
     B, N, H, W = 6, 7, 12, 10
     boxes, _, box_mask = random_layouts(B, N, gen)
     region = box_regions(boxes, box_mask, H, W).view(B * N, H * W)
-    windows = box_windows(boxes, box_mask, H, W, grouped=grouped)["windows"]
+    plan = box_windows(boxes, box_mask, H, W, grouped=grouped)
+    windows = plan["windows"]
     assert len(windows) > (1 if min_len == 1 else 0) if grouped else len(windows) == 1
+    assert torch.equal(plan["cells"], torch.cat([index.flatten() for index, _, _ in windows]))  # one gather
     got, shortest = [], max(min_len, 4)  # 4: 120 cells / 16, rounded down to a power of two
-    for index, valid in windows:
+    for index, valid, _ in windows:
         Lw = index.shape[1]
         assert Lw == 120 or (Lw >= shortest and Lw & (Lw - 1) == 0), Lw  # 120: the 12x10 map, a multiple of 8
         assert index.dtype == torch.long and valid.dtype == torch.bool and index.min() >= 0 and index.max() < B * H * W
@@ -287,6 +289,27 @@ def test_box_windows_list_each_real_box_once_by_length(min_len, grouped, monkeyp
             got.append((int(cells[0]) // (H * W), sorted((cells % (H * W)).tolist())))
     want = [(i, region[i * N + j].nonzero()[:, 0].tolist()) for i in range(B) for j in range(N) if box_mask[i, j]]
     assert sorted(got) == sorted(want)
+
+
+@pytest.mark.parametrize("null_in_mean", [False, True])
+def test_box_windows_weigh_each_cell_as_a_mean(null_in_mean):
+    """The weights box_windows gives a cell's box windows and null attention are those of a mean over
+    the k boxes covering it (the null attention 1 where k = 0), or over those and the null attention
+    (layout_partial_v1: 1/(1+k) each); invalid window positions weigh nothing."""
+    gen = torch.Generator().manual_seed(6)
+    B, N, H, W = 5, 6, 9, 11
+    boxes, _, box_mask = random_layouts(B, N, gen)
+    k = box_regions(boxes, box_mask, H, W).sum(1).flatten().float()     # boxes covering each cell
+    plan = box_windows(boxes, box_mask, H, W, null_in_mean=null_in_mean)
+    total = plan["null_weight"].clone()
+    for index, valid, weight in plan["windows"]:
+        assert (weight[~valid] == 0).all()
+        total.index_add_(0, index[valid], weight[valid])
+    torch.testing.assert_close(total, torch.ones(B * H * W))             # every cell: weights summing to 1
+    want = 1 / (1 + k) if null_in_mean else (k == 0).float()
+    torch.testing.assert_close(plan["null_weight"], want)
+    for index, valid, weight in plan["windows"]:
+        torch.testing.assert_close(weight[valid], 1 / (k[index[valid]] + null_in_mean))
 
 
 @torch.no_grad()
@@ -358,6 +381,69 @@ def test_layout_attention_matches_loop_reference(impl, C, max_scores, monkeypatc
         ref = loop_layout_attention(block, x[i], boxes[i, :n], labels[i, :n], table)
         tol = 1e-5 if C == 32 else 2e-4  # C=320: outputs up to ~60, float32 rounding 4e-5 (SDPA) / 8e-5 (matmuls)
         torch.testing.assert_close(out[i], ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("attn_type", ["layout_partial_v1", "layout_partial_v2"])
+def test_windowed_and_masked_layout_attention_agree(attn_type):
+    """The two layouts of the boxes (windows gathered per box, weighted into a mean; the whole map
+    masked per box, summed and divided) give the same output and gradients, overlaps included:
+    layout_partial_v1 has no loop reference, so the masked path is its reference."""
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    block = LayoutAttention(32, 8, attn_type)
+    table = torch.nn.Embedding(7, 8)
+    for p in list(block.parameters()) + list(table.parameters()):
+        p.data.normal_(0, 0.3)
+    B, N, H, W = 4, 6, 9, 7
+    boxes, labels, box_mask = random_layouts(B, N, gen)
+    x = torch.randn(B, 32, H, W, generator=gen)
+    region = box_regions(boxes, box_mask, H, W)
+    assert (region.sum(1) > 1).any() and (region.sum(1) == 0).any()  # overlaps and background
+    grads = []
+    for windowed in (True, False):
+        layout = {"raster": layout_raster(region, labels, table), "region": region}
+        if windowed:
+            layout.update(box_windows(boxes, box_mask, H, W, null_in_mean=attn_type == "layout_partial_v1"))
+        xi = x.clone().requires_grad_()
+        out = block(xi, layout, table)
+        out.pow(2).sum().backward()
+        grads.append((out.detach(), xi.grad, block.qkv.weight.grad.clone()))
+        block.zero_grad()
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_windowed_backward_scatters_once_whatever_the_window_lengths():
+    """The windows of all lengths are gathered by one index op: its backward scatters their gradients
+    into one zero-filled (B*L, 3C) tensor, not one per length (each then summed into the rest; ~a
+    quarter of the SD1.5 layout blocks' memory traffic at batch 32, bench.py section m)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._overloadpacket.__name__ in ("index_put", "index_put_", "_index_put_impl_"):
+                self.names.append(tuple(args[0].shape))
+            return out
+
+    gen = torch.Generator().manual_seed(4)
+    block = LayoutAttention(32, 8, "layout_partial_v2")
+    table = torch.nn.Embedding(7, 8)
+    B, N, H, W = 4, 6, 12, 12
+    boxes, labels, box_mask = random_layouts(B, N, gen)
+    region = box_regions(boxes, box_mask, H, W)
+    layout = {"raster": layout_raster(region, labels, table), "region": region}
+    layout.update(box_windows(boxes, box_mask, H, W))
+    assert len(layout["windows"]) >= 3
+    x = torch.randn(B, 32, H, W, generator=gen, requires_grad=True)
+    out = block(x, layout, table)
+    with Ops() as ops:
+        out.sum().backward()
+    assert ops.names.count((B * H * W, 3 * 32)) == 1, ops.names  # (the other: the prompt tokens' rows, (B*L, d))
 
 
 @pytest.mark.parametrize("impl,C", [("window", 32), ("masked", 32), ("window", 320), ("masked", 320)])
