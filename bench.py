@@ -714,14 +714,24 @@ def section_m(args, mc: ModelConfig, latent: int, text_len: int):
          note=f"{moved / 1e9:.2f} GB, {ops} ops, {flops / 1e12:.3g} TFLOP ({flops / full.flops * 100:.1f} % of the step's)")
 
 
+def sampling_unet(args, unet: LayoutUNet) -> LayoutUNet:
+    """The UNet as sample.py runs it: under bf16 autocast, stored in bf16 (a copy here: the training
+    rows need the float32 one)."""
+    return copy.deepcopy(unet).to(torch.bfloat16) if args.dtype == "bf16" else unet
+
+
 def section_d(args, env: dict, compiled=None, mode: str = "", batches=None):
     """End-to-end sampling: text encode, PLMS with batched guidance, VAE decode. batches: default
-    the preset's sample_batches, or batch 1 alone through a compiled UNet."""
+    the preset's sample_batches, or batch 1 alone through a compiled UNet. Eager, under bf16: again
+    at the smallest and largest batch with the weights in float32 (sample.py before it stored bf16)."""
     unet, ae, dev, dc = env["unet"], env["ae"], args.device, env["dc"]
-    net = unet if compiled is None else compiled
     tc, latent = env["tc"], env["latent"]
     unet.eval()
-    for B in batches or ([1] if compiled is not None else args.sizes["sample_batches"]):
+    net = sampling_unet(args, unet) if compiled is None else compiled
+    runs = [(B, net, "") for B in batches or ([1] if compiled is not None else args.sizes["sample_batches"])]
+    if compiled is None and net is not unet:
+        runs += [(B, unet, ", weights float32") for B in sorted({runs[0][0], runs[-1][0]})]
+    for B, net, weights in runs:
         if over_budget(args):
             emit(args, "d", "sampling: skipped, time budget", B)
             break
@@ -743,7 +753,7 @@ def section_d(args, env: dict, compiled=None, mode: str = "", batches=None):
         try:
             if compiled is None:
                 ms, flops = measure(args, sample, repeats)
-                args.flops_by_sample[B] = flops
+                args.flops_by_sample.setdefault(B, flops)
             else:  # the first call compiles (and records the CUDA graphs); FLOPs as counted on the eager run
                 t0 = time.perf_counter()
                 sample()
@@ -757,12 +767,13 @@ def section_d(args, env: dict, compiled=None, mode: str = "", batches=None):
             emit(args, "d", "sampling: out of memory", B)
             break
         px = args.sizes["image_size"]
-        what = f"{f'compiled ({mode}) ' if compiled is not None else ''}sample {px}px, PLMS {dc.steps} + CFG + decode"
+        what = f"{f'compiled ({mode}) ' if compiled is not None else ''}sample {px}px, PLMS {dc.steps} + CFG + decode{weights}"
         note = (f"latency target <= 0.3 s {'met' if ms <= 300 else 'not met'}" if B == 1
                 else f"target >= 15 img/s {'met' if B / ms * 1e3 >= 15 else 'not met'}")
         if compiled is not None:
             note += f"; first call {first:.0f} s"
         emit(args, "d", what, B, ms, flops, note=note)
+    net = runs = None  # the bf16 copy freed before free_memory
     unet.train()
     free_memory(dev)
 
@@ -1087,14 +1098,15 @@ def main(argv=None):
     if args.compile:  # last: compiling takes minutes, and the time budget may cut it
         env["unet"].group_windows = False  # one window length: graphs that do not change with the layout
 
-        def compiled(mode: str):
+        def compiled(mode: str, net=None):
+            net = env["unet"] if net is None else net
             if args.compile_backend != "inductor":  # a mode is inductor's
-                return torch.compile(env["unet"], backend=args.compile_backend)
-            return torch.compile(env["unet"], mode=mode)
+                return torch.compile(net, backend=args.compile_backend)
+            return torch.compile(net, mode=mode)
         if "d" in args.only:  # first: the latency target needs it, and a forward compiles faster than a step
             # CUDA graphs: batch-1 sampling is host-bound (1.13 s -> 0.24 s on an H200)
             mode = "reduce-overhead" if args.device == "cuda" else "default"
-            sampler = compiled(mode)
+            sampler = compiled(mode, sampling_unet(args, env["unet"]).eval())
             run("d compiled", section_d, args, env, sampler, mode)
         if "a" in args.only and not over_budget(args):
             run("a compiled", section_a_compiled, args, env, compiled("default"))

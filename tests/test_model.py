@@ -468,6 +468,35 @@ def test_layout_attention_is_stable_for_large_logits(impl, C):
     torch.testing.assert_close(out[0], ref, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("attn_type,kw", [("layout_partial_v1", {}),
+                                          ("layout_partial_v2", dict(box_coords=True, layout_residual=True,
+                                                                     num_prompt=4, prompt_dim=16)),
+                                          ("segmentation", {})])
+@torch.no_grad()
+def test_weights_stored_in_bf16_add_no_error_to_bf16_autocast(attn_type, kw):
+    """sample.py stores the UNet in bf16 under bf16 autocast, which rounds every weight to bf16 at
+    each use anyway: the output stays as close to the float32 model's as with float32 weights (the
+    few weights used outside the matmuls, class table and summed biases, round a little differently)."""
+    unet = tiny_unet(attn_type, **kw)
+    gen = torch.Generator().manual_seed(8)
+    B = 3
+    x, t, text = torch.randn(B, 4, 16, 16, generator=gen), torch.randint(0, 1000, (B,), generator=gen), torch.randn(B, 5, 16, generator=gen)
+    if attn_type == "segmentation":
+        cond = dict(text=text, seg_mask=torch.randint(0, 6, (B, 16, 16), generator=gen))
+    else:
+        boxes, labels, box_mask = random_layouts(B, 4, gen)
+        cond = dict(text=text, boxes=boxes, labels=labels, box_mask=box_mask)
+    exact = unet(x, t, **cond)
+    errors = []
+    for store in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = unet.to(store)(x, t, **unet.prepare_condition(x.shape, **cond)).float()
+        errors.append((out - exact).abs().max().item())
+    unet.float()
+    assert 0 < errors[0] < 0.05 * exact.abs().max()  # bf16 autocast's own error
+    assert errors[1] <= 1.5 * errors[0], errors
+
+
 def test_bad_layout_inputs_name_the_tensor():
     unet = tiny_unet()
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([1, 2])

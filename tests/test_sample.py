@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import write_celebamask
 from dataset import tensor_to_pil
+import sample as sample_mod
 from sample import cli
 
 LAYOUTS = [  # layout 0 has one object, layout 1 two: batches of both carry a padding column
@@ -244,6 +245,30 @@ def test_sample_text_model_with_caption_and_negative_prompt(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["--layout", str(layout), "--ckpt", str(ckpt), "--out", str(tmp_path / "e"), "--text-weights", str(missing)])
     assert capsys.readouterr().err == f"error: {missing}: file not found\n"
+
+
+def test_sample_bf16_stores_the_unet_in_bf16(tmp_path, monkeypatch):
+    """--precision bf16 (the default on CUDA) keeps the UNet's weights in bf16, as autocast would round
+    them at every use (no weight casts), and still draws: a text model with task prompts, the path
+    with the most weight uses outside the matmuls (prompt tokens, class table, biases)."""
+    from config import config_to_dict
+    from dataset import SHAPES_CLASSES
+    cfg, unet, ae = text_model_parts(tmp_path)
+    ckpt = tmp_path / "text.pt"
+    torch.save({"model": unet.state_dict(), "config": config_to_dict(cfg), "step": 0,
+                "class_names": list(SHAPES_CLASSES), "autoencoder": ae.state_dict()}, ckpt)
+    layout = write_layouts(tmp_path / "layouts.json", LAYOUTS)
+    dtypes, real_drawer = [], sample_mod.Drawer
+    monkeypatch.setattr(sample_mod, "Drawer", lambda unet, *a, **k: dtypes.append(
+        {p.dtype for p in unet.parameters()}) or real_drawer(unet, *a, **k))
+    for precision in ("fp32", "bf16"):
+        cli(["--layout", str(layout), "--ckpt", str(ckpt), "--out", str(tmp_path / precision), "--device", "cpu",
+             "--precision", precision, "--steps", "5"])
+    assert dtypes == [{torch.float32}, {torch.bfloat16}]
+    for i in range(len(LAYOUTS)):
+        a, b = pixels(tmp_path / "fp32" / f"{i:04d}.png"), pixels(tmp_path / "bf16" / f"{i:04d}.png")
+        assert a.shape == b.shape == (32, 32, 3)
+        assert np.abs(a.astype(int) - b).mean() < 2  # bf16 arithmetic: near the fp32 image (0.4 levels seen)
 
 
 def test_sample_released_checkpoint_with_its_preset(tmp_path, capsys):
