@@ -61,7 +61,8 @@ Rows (--only takes any of the sections; one Markdown table, `x` has its own):
      anywhere) as the step with them less the step with them bypassed (as in b); also their ops
      (each about one kernel launch) and FLOPs. Weights stored in the run's dtype (autocast's weight
      copies not counted). A model of the blocks' memory-bound time, to check a change before a GPU
-     measures it.
+     measures it. The meta device runs SDPA by its math path (scores written), so blocks that call
+     SDPA (--layout-impl masked) read high.
   x  the README's tables: our batched layout conditioning against the original's one image at a
      time: one layout-attention block and one UNet forward, original loop / ours per image / ours
      batched (window, masked); ratio = speed-up over the group's first row.
