@@ -253,29 +253,31 @@ def count_flops(fn) -> int:
     return counter.total
 
 
-VIEW_OPS = {"view", "_unsafe_view", "as_strided", "t", "transpose", "expand", "unsqueeze", "squeeze", "slice",
-            "select", "split", "split_with_sizes", "chunk", "detach", "alias", "permute", "unflatten", "reshape",
-            "_reshape_alias", "unbind", "lift_fresh", "empty", "empty_like", "new_empty", "empty_strided"}
+NO_TRAFFIC_OPS = {"view", "_unsafe_view", "as_strided", "t", "transpose", "expand", "unsqueeze", "squeeze", "slice",
+                  "select", "split", "split_with_sizes", "chunk", "detach", "alias", "permute", "unflatten",
+                  "reshape", "_reshape_alias", "unbind", "lift_fresh",  # views; uninitialised allocations:
+                  "empty", "empty_like", "new_empty", "empty_strided"}
 
 
-class ByteCount(TorchDispatchMode):
-    """Bytes read and written, ops and FLOPs of the ops run inside. An op reads each tensor argument
-    once (a broadcast view: its storage) and writes its outputs; views and uninitialised allocations
-    move nothing, zero-filled ones only write; an indexed accumulation (index_put_, index_add_)
-    reads and writes only the rows it touches. A model of the traffic, not a trace of it."""
+class ByteCount(FlopCount):
+    """Bytes read and written, and ops, of the ops run inside (FLOPs: FlopCount's total). An op
+    reads each tensor argument once (a broadcast view: its storage) and writes its outputs; views
+    and uninitialised allocations move nothing, zero-filled ones only write; an indexed accumulation
+    (index_put_, index_add_) reads and writes only the rows it touches. A model of the traffic, not
+    a trace of it."""
 
     def __init__(self):
         super().__init__()
-        self.bytes = self.ops = self.flops = 0
+        self.bytes = self.ops = 0
 
     @staticmethod
     def size(t: torch.Tensor) -> int:
         return min(t.numel(), t.untyped_storage().nbytes() // t.element_size()) * t.element_size()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = super().__torch_dispatch__(func, types, args, kwargs)  # runs it, counts its FLOPs
         name = func._overloadpacket.__name__
-        if name in VIEW_OPS:
+        if name in NO_TRAFFIC_OPS:
             return out
         tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
@@ -289,9 +291,6 @@ class ByteCount(TorchDispatchMode):
             moved = sum(self.size(t) for t in tensors + outs)
         self.bytes += moved
         self.ops += 1
-        formula = flop_counter.flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.flops += formula(*args, **(kwargs or {}), out_val=out)
         return out
 
 
@@ -710,9 +709,10 @@ def section_m(args, mc: ModelConfig, latent: int, text_len: int):
         bypassed = count(False)
     # only the difference: on the meta device attention runs SDPA's math path, which materialises
     # the scores that the flash kernels of a GPU never write, so the rest of the step reads high
-    moved, ops, flops = full.bytes - bypassed.bytes, full.ops - bypassed.ops, full.flops - bypassed.flops
+    moved, ops, flops = full.bytes - bypassed.bytes, full.ops - bypassed.ops, full.total - bypassed.total
     emit(args, "m", f"layout blocks' forward + backward, memory traffic (counted), 1..{args.boxes} boxes", B,
-         note=f"{moved / 1e9:.2f} GB, {ops} ops, {flops / 1e12:.3g} TFLOP ({flops / full.flops * 100:.1f} % of the step's)")
+         note=f"{moved / 1e9:.2f} GB, {ops} ops, {flops / 1e12:.3g} TFLOP "
+              f"({flops / full.total * 100:.1f} % of the step's)")
 
 
 def sampling_unet(args, unet: LayoutUNet) -> LayoutUNet:
@@ -768,7 +768,8 @@ def section_d(args, env: dict, compiled=None, mode: str = "", batches=None):
             emit(args, "d", "sampling: out of memory", B)
             break
         px = args.sizes["image_size"]
-        what = f"{f'compiled ({mode}) ' if compiled is not None else ''}sample {px}px, PLMS {dc.steps} + CFG + decode{weights}"
+        what = (f"{f'compiled ({mode}) ' if compiled is not None else ''}sample {px}px, "
+                f"PLMS {dc.steps} + CFG + decode{weights}")
         note = (f"latency target <= 0.3 s {'met' if ms <= 300 else 'not met'}" if B == 1
                 else f"target >= 15 img/s {'met' if B / ms * 1e3 >= 15 else 'not met'}")
         if compiled is not None:

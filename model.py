@@ -383,11 +383,10 @@ def box_windows(boxes: torch.Tensor, box_mask: torch.Tensor, H: int, W: int, gro
     1/k; the null attention 1 where k = 0, else 0), or with null_in_mean (layout_partial_v1) of those
     and the null attention (each 1/(1+k)). grouped False: one entry, every box at the longest length
     (a structure that does not change with the layout, for torch.compile: no recompiles). Planned on
-    the host: boxes given there cost nothing; on a GPU, one device-to-host copy (a sync). The plan
+    the host: boxes given there cost nothing; on a GPU, device-to-host copies (a sync). The plan
     goes to `device` (default: the boxes') through pinned memory, without a sync."""
-    host = torch.cat([boxes.double(), box_mask[..., None].double()], -1).cpu()
-    row0, row1, col0, col1 = box_cells(host[..., :4], H, W)
-    b, j = host[..., 4].bool().nonzero(as_tuple=True)                   # the real boxes
+    row0, row1, col0, col1 = box_cells(boxes.cpu(), H, W)                # no-ops for host tensors
+    b, j = box_mask.cpu().nonzero(as_tuple=True)                         # the real boxes
     row0, row1, col0, width = row0[b, j], row1[b, j], col0[b, j], (col1 - col0)[b, j]
     area = (row1 - row0) * width
     cap = -(-H * W // 8) * 8                                            # the whole map, rounded up to 8
@@ -696,7 +695,9 @@ class LayoutUNet(nn.Module):
                 box_mask = torch.ones(labels.shape, dtype=torch.bool, device=boxes.device)
             # the window plan is made on the host from one copy of the boxes: none when they come from
             # there (train.py's batches: the forward then never waits for the GPU), else one sync
-            host = (boxes.cpu(), box_mask.cpu()) if windowed else None
+            if windowed:
+                host = torch.cat([boxes.double(), box_mask[..., None].double()], -1).cpu()
+                host = (host[..., :4], host[..., 4].bool())
             if boxes.device.type == "cpu" and torch.device(device).type != "cpu":
                 boxes, labels, box_mask = (to_device_async(t, torch.device(device)) for t in (boxes, labels, box_mask))
         for H, W in sizes:

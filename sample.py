@@ -364,7 +364,8 @@ def main(argv=None):
         unet, ae, diffusion, cfg, class_names, text = load_model(args.ckpt, device, not args.no_ema, args.preset,
                                                                  args.allow_pickle, args.text_weights)
         dc = cfg["diffusion"]
-        amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") else None
+        bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+        amp_dtype = torch.bfloat16 if bf16 else None
         if amp_dtype is not None:  # autocast rounds every weight to bf16 at each use anyway; stored so, a
             # guided SD-topology forward runs 1011 ops instead of 1797 (counted: no weight casts), which
             # host-bound sampling waits for (GPU effect unmeasured). The decoder stays: it runs once
