@@ -985,7 +985,9 @@ def main(argv=None):
     parser.add_argument("--only", default=SECTIONS, help="sections to run, e.g. a,b,d (default: all of abcdefmx)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                         help="autocast dtype (default: bf16 on CUDA, fp32 on CPU, where bf16 is slow)")
-    parser.add_argument("--compile", action="store_true", help="also time the step and batch-1 sampling compiled")
+    parser.add_argument("--compile", nargs="?", const="ad", default="", metavar="SECTIONS",
+                        help="also time compiled: the step (a) and sampling (d); --compile d: sampling only "
+                             "(the compiled step took 147 s to compile on an H200 and ran 0.99x the eager one)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend; 'eager' checks the compiled code path in seconds on a CPU")
     parser.add_argument("--channels-last", action="store_true", help="section a's batch rows in channels_last")
@@ -1007,6 +1009,9 @@ def main(argv=None):
         args.preset = "tiny"
     args.sizes = PRESETS[args.preset]
     args.only = set(args.only.replace(",", ""))
+    args.compile = set(args.compile.replace(",", ""))
+    if not args.compile <= set("ad"):
+        parser.error(f"--compile: unknown sections {''.join(sorted(args.compile - set('ad')))} (compiled: a, d)")
     if not args.only <= set(SECTIONS):
         parser.error(f"--only: unknown sections {''.join(sorted(args.only - set(SECTIONS)))} (known: {SECTIONS})")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
@@ -1044,7 +1049,7 @@ def main(argv=None):
     print(f"# UNet of presets/coco_sd15.yaml: {total / 1e6:.2f} M parameters, {trained / 1e6:.2f} M trained (foundation frozen); "
           f"mc={mc.model_channels} mult={mc.channel_mult} layout at {mc.layout_resolutions} ({mc.layout_attn_impl}); "
           f"autoencoder ch={ac.ch} f{ac.downsample_factor}; text {tc.kind} width {tc.width} x{tc.layers}; "
-          f"compile {args.compile}, channels_last {args.channels_last}", flush=True)
+          f"compile {','.join(sorted(args.compile)) or 'off'}, channels_last {args.channels_last}", flush=True)
 
     def progress(what: str):  # on stderr, so that stdout stays a clean table
         print(f"[bench] {what} at {time.time() - start:.0f} s", file=sys.stderr, flush=True)
@@ -1105,15 +1110,17 @@ def main(argv=None):
             if args.compile_backend != "inductor":  # a mode is inductor's
                 return torch.compile(net, backend=args.compile_backend)
             return torch.compile(net, mode=mode)
-        if "d" in args.only:  # first: the latency target needs it, and a forward compiles faster than a step
+        # sampling first: the latency target needs it, and a forward compiles faster than a step
+        if "d" in args.only & args.compile:
             # CUDA graphs: batch-1 sampling is host-bound (1.13 s -> 0.24 s on an H200)
             mode = "reduce-overhead" if args.device == "cuda" else "default"
             sampler = compiled(mode, sampling_unet(args, env["unet"]).eval())
             run("d compiled", section_d, args, env, sampler, mode)
-        if "a" in args.only and not over_budget(args):
+        if "a" in args.only & args.compile and not over_budget(args):
             run("a compiled", section_a_compiled, args, env, compiled("default"))
-        if "d" in args.only and not over_budget(args):  # the largest sampling batch, CUDA graphs too: eager,
-            # a batch-8 guided forward launched its kernels in 53 of its 55 ms (H200): host-bound there too
+        # the largest sampling batch, CUDA graphs too: eager, a batch-8 guided forward launched its
+        # kernels in 53 of its 55 ms (H200): host-bound there too
+        if "d" in args.only & args.compile and not over_budget(args):
             run("d compiled batched", section_d, args, env, sampler, mode, args.sizes["sample_batches"][-1:])
     if args.profile and "a" in args.only:
         # last: the profiler leaves CUPTI hooked into every kernel launch after it ends (pytorch#144455);
