@@ -29,6 +29,7 @@ import argparse
 import json
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +63,10 @@ def read_file(path, allow_pickle: bool = False):
             raise UserError(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)") from None
         return load_file(str(path), device="cpu")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        # memory-mapped where the format allows (torch.save's zip, not the legacy pickle): tensors are
+        # read from the file as they are used (an SD checkpoint's EMA copy never), and the ranks of a
+        # node share its pages instead of holding a copy each
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:  # what weights_only=True raises, for pickled objects and for garbage
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         if found is None or allow_pickle:

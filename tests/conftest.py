@@ -80,3 +80,14 @@ def tiny_run(tmp_path_factory, run_cli) -> Path:
         pytest.fail(f"tiny training run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     (out.parent / "stdout.txt").write_text(proc.stdout)
     return out
+
+
+def mapped_from(tensor, path: Path) -> bool:
+    """Whether the tensor's data lies in a memory mapping of the file `path` (Linux: /proc/self/maps)."""
+    ptr = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str(path)):
+            lo, hi = (int(a, 16) for a in line.split()[0].split("-"))
+            if lo <= ptr < hi:
+                return True
+    return False

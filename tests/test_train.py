@@ -17,8 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_RUN_ARGS, cli_env, write_celebamask
-from train import UserError, cli, load_config
+from conftest import ROOT, TINY_RUN_ARGS, cli_env, mapped_from, write_celebamask
+from config import config_to_dict
+from dataset import build_dataset
+from train import (UserError, cli, encode_dataset, latent_cache_path, load_autoencoder, load_checkpoint, load_config,
+                   save_checkpoint)
+from vqvae import build_autoencoder
 
 # -----------------------------------------------------------------------------
 # config: config.yaml -> preset -> --section.key=value
@@ -372,7 +376,9 @@ def test_segmentation_model_trains_on_celebamask_masks(run_cli, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_ranks(background, tmp_path):
     out, log = tmp_path / "run", tmp_path / "log.txt"
-    proc = background(torchrun_cmd(out, "--train.log_every=1"), log)
+    # no augmentation: the items are then a function of their index, and the cache the two ranks
+    # encode between them can be compared with one process's
+    proc = background(torchrun_cmd(out, "--train.log_every=1", "--data.augment=false"), log)
     assert finish(proc, log, timeout=300) == 0, log.read_text()[-3000:]
     stdout = log.read_text()
     assert "all 2 ranks hold identical weights" in stdout
@@ -386,6 +392,15 @@ def test_ddp_two_ranks(background, tmp_path):
                                                       "samples", "tb"]
     ck = load(out / "last.pt")
     assert ck["step"] == 6 and ck["world_size"] == 2
+    # each rank encoded every other item; rank 0 interleaved the parts back into the dataset's order
+    assert "latent cache: encoded 96 images in" in stdout and "(2 ranks)" in stdout
+    cfg = load_config(out / "config.yaml")
+    dataset = build_dataset(cfg["data"], "train", cfg["model"].max_objects, None)
+    one_process = encode_dataset(load_autoencoder(cfg, str(out / "autoencoder.pt")).eval(), dataset, "cpu", 0)
+    two_ranks = load(out / "latents.pt")
+    assert two_ranks.keys() == one_process.keys()
+    for k, v in one_process.items():
+        assert torch.equal(two_ranks[k], v) if torch.is_tensor(v) else two_ranks[k] == v, k
 
 
 @pytest.mark.slow
@@ -405,6 +420,65 @@ def test_ddp_sigterm_to_one_rank_stops_every_rank(background, tmp_path):
     assert len(found) == 1 and found[0][0] == str(out / "last.pt"), log.read_text()[-3000:]
     assert load(out / "last.pt")["step"] == int(found[0][1])
     assert "done:" not in log.read_text()
+
+
+# -----------------------------------------------------------------------------
+# the latent cache
+
+
+def test_latent_cache_dir_is_shared_by_runs_on_the_same_data_and_autoencoder(tiny_run, run_cli, tmp_path):
+    caches = tmp_path / "caches"
+    args = ("--preset", "tiny", "--train.max_steps=1", f"--train.latent_cache_dir={caches}",
+            f"--train.autoencoder_ckpt={tiny_run / 'autoencoder.pt'}")
+    first = run_cli("train.py", *args, f"--train.out_dir={tmp_path / 'a'}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (path,) = caches.iterdir()  # one file, no parts or temporaries left
+    assert re.fullmatch(r"latents-[0-9a-f]{16}\.pt", path.name)
+    assert "latent cache: encoded 96 images in" in first.stdout and f"-> {path}" in first.stdout
+    built = path.stat().st_mtime_ns
+    second = run_cli("train.py", *args, f"--train.out_dir={tmp_path / 'b'}")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"latent cache: reading {path}\n" in second.stdout and "encoded" not in second.stdout
+    assert list(caches.iterdir()) == [path] and path.stat().st_mtime_ns == built
+    assert not (tmp_path / "b" / "latents.pt").exists()
+
+
+def test_latent_cache_path_changes_with_what_the_items_depend_on(tmp_path):
+    cfg = load_config(preset="tiny", overrides=[f"--train.latent_cache_dir={tmp_path}"])
+    ae = build_autoencoder(cfg["autoencoder"])
+    path = latent_cache_path(cfg, ae, None, tmp_path / "run")
+    assert path.parent == tmp_path and path.name.startswith("latents-")
+    assert latent_cache_path(cfg, ae, None, tmp_path / "other_run") == path  # not per run
+    for override in ("--data.cache_dir=elsewhere", "--autoencoder.scale_factor=0.5", "--train.lr=1"):
+        assert latent_cache_path(load_config(base=config_to_dict(cfg), overrides=[override]), ae, None, tmp_path) == path
+    for override in ("--data.seed=1", "--data.image_size=16", "--data.caption=none", "--model.max_objects=4",
+                     "--autoencoder.ch=16"):
+        assert latent_cache_path(load_config(base=config_to_dict(cfg), overrides=[override]), ae, None, tmp_path) != path
+    assert latent_cache_path(cfg, ae, ["b", "a"], tmp_path) != path  # another label order
+    with torch.no_grad():
+        next(ae.parameters()).view(-1)[0] += 1e-3                          # other autoencoder weights
+    assert latent_cache_path(cfg, ae, None, tmp_path) != path
+    no_dir = load_config(preset="tiny")
+    assert latent_cache_path(no_dir, ae, None, tmp_path / "run") == tmp_path / "run" / "latents.pt"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_latent_cache_is_read_memory_mapped(tmp_path):
+    """The ranks of a node share the file's pages: the tensors point into a mapping of the file."""
+    path = tmp_path / "latents.pt"
+    save_checkpoint(path, {"mean": torch.randn(64, 4, 8, 8), "caption": ["a"] * 64})
+    cache = load_checkpoint(path, mmap=True)
+    assert mapped_from(cache["mean"], path)
+    assert not mapped_from(load_checkpoint(path)["mean"], path)  # the check can fail
+    assert torch.equal(cache["mean"], torch.load(path, weights_only=True)["mean"])
+
+
+def test_too_few_items_for_one_batch_fails_before_training(run_cli, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train.py", "--preset", "tiny", f"--train.out_dir={out}", "--data.train_length=5")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "error: data: 5 training items are fewer than one batch of 8\n"
+    assert not (out / "autoencoder.pt").exists()  # nothing trained or encoded
 
 
 def test_config_yaml_sets_and_comments_every_field():

@@ -11,12 +11,13 @@ the same formats with real tensors of a reduced-width model (same structure) als
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from config import UserError
-from conftest import cli_env
+from conftest import cli_env, mapped_from
 from diffusion import Diffusion, DiffusionConfig
 from model import LayoutAttention, LayoutUNet, ModelConfig, original_key_to_ours
 from vqvae import AutoencoderKL, VQModel
@@ -305,6 +306,19 @@ def test_read_state_dict_refuses_pickles_unless_allowed(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match=r"broken\.pt: not a readable checkpoint"):
         read_state_dict(tmp_path / "broken.pt")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_read_file_maps_zip_checkpoints_and_still_reads_legacy_ones(tmp_path):
+    """A foundation checkpoint is memory-mapped (the ranks of a node share its pages, unused entries
+    are never read); the legacy pickle format, which cannot be, is read whole."""
+    weights_zip, legacy = tmp_path / "sd.ckpt", tmp_path / "legacy.ckpt"
+    state = {"state_dict": {"model.diffusion_model.w": torch.randn(64, 64)}}
+    torch.save(state, weights_zip)
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    for path, mapped in ((weights_zip, True), (legacy, False)):
+        w = weights.read_file(path)["state_dict"]["model.diffusion_model.w"]
+        assert torch.equal(w, state["state_dict"]["model.diffusion_model.w"]) and mapped_from(w, path) == mapped
 
 
 def test_safetensors_round_trip_and_missing_package(tmp_path, monkeypatch):
