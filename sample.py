@@ -57,7 +57,7 @@ from dataset import build_dataset, draw_layout, layouts_to_tensors, load_layouts
 from diffusion import Diffusion
 from model import LayoutUNet
 from text import encode_captions, layout_caption, load_text_encoder
-from train import check_text_config, load_config, setup_distributed, unconditional
+from train import check_text_config, load_config, rank0_first, setup_distributed, unconditional
 from vqvae import build_autoencoder
 from weights import (RELEASED_PREFIXES, as_state_dict, find_text_weights, fit_class_names, read_file,
                      released_modules, released_to_ours)
@@ -289,8 +289,10 @@ def sample_benchmark(args, drawer: Drawer, class_names: list[str], rank: int, wo
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")
     data_cfg = load_config(base=config_to_dict(cfg), overrides=[f"--data.name={args.data}", *args.data_overrides])["data"]
-    # labels as the checkpoint's classes; a class the model does not know is an error naming it
-    dataset = build_dataset(data_cfg, args.split, cfg["model"].max_objects, class_names)
+    # labels as the checkpoint's classes; a class the model does not know is an error naming it. Rank 0
+    # parses the annotations first, the other ranks read the index it leaves (train.rank0_first)
+    with rank0_first(rank, world):
+        dataset = build_dataset(data_cfg, args.split, cfg["model"].max_objects, class_names)
     if len(dataset) == 0:
         raise UserError(f"data.name={args.data}: the {args.split} split has no images after the filters")
     out = Path(args.out)

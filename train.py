@@ -313,7 +313,7 @@ def build_latent_cache(ae, dataset, path: Path, device, num_workers: int, rank: 
         return path.with_name(f"{path.name}.part{r}-of-{world}")
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     save_checkpoint(part(rank), encode_dataset(ae, shard, device, num_workers))
-    dist.barrier()
+    solo_barrier(world)  # every part written
     if rank == 0:
         parts = [load_checkpoint(part(r), mmap=True) for r in range(world)]
         merged = {}
@@ -326,7 +326,7 @@ def build_latent_cache(ae, dataset, path: Path, device, num_workers: int, rank: 
         del parts, merged
         for r in range(world):
             part(r).unlink()
-    dist.barrier()
+    solo_barrier(world)  # the cache written
 
 
 class LatentDataset(torch.utils.data.Dataset):
@@ -458,7 +458,35 @@ def setup_distributed(device: str = "auto"):
         torch.cuda.set_device(local_rank)  # the LOCAL rank: global ranks exceed the GPU count on node 2+
     # a bounded timeout: if a rank dies the others fail with an error instead of hanging forever
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    global _solo_group
+    _solo_group = dist.new_group(backend="gloo", timeout=SOLO_TIMEOUT)
     return rank, local_rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+# Rank 0 works alone at times while the other ranks wait: it parses the annotations (the first parse
+# of Visual Genome takes minutes), trains a from-scratch run's autoencoder, merges the latent cache.
+# That can outlast the collectives' 10 minutes, so they wait on a gloo group of their own with a long
+# timeout; a rank that dies still ends the wait at once (gloo sees the closed connection).
+SOLO_TIMEOUT = datetime.timedelta(hours=3)
+_solo_group = None  # made by setup_distributed
+
+
+def solo_barrier(world: int):
+    """A barrier for the waits on rank 0's solo work (see SOLO_TIMEOUT)."""
+    if world > 1:
+        dist.barrier(group=_solo_group)
+
+
+@contextlib.contextmanager
+def rank0_first(rank: int, world: int):
+    """Run the body on rank 0 first, alone, then on the other ranks at once, which find what it
+    wrote (an annotation index: one parse of the annotation files, COCO-stuff's JSON over a
+    gigabyte, instead of one per rank; an autoencoder)."""
+    if rank > 0:
+        solo_barrier(world)
+    yield
+    if rank == 0:
+        solo_barrier(world)
 
 
 def main(argv=None):
@@ -502,7 +530,8 @@ def main(argv=None):
             log("data.augment=false: train.latent_cache encodes each training image once "
                 "(set train.latent_cache=false to augment every step)")
             cfg["data"].augment = False
-        dataset = build_dataset(cfg["data"], "train", cfg["model"].max_objects, label_order)
+        with rank0_first(rank, world):  # one parse of the annotations; the other ranks read its index
+            dataset = build_dataset(cfg["data"], "train", cfg["model"].max_objects, label_order)
         class_names = list(dataset.class_names)
         if len(dataset) < tc.batch_size:  # before any training or encoding
             raise UserError(f"data: {len(dataset)} training items are fewer than one batch of {tc.batch_size}")
@@ -516,11 +545,10 @@ def main(argv=None):
             ae = load_autoencoder(cfg, tc.init_from, state=foundation["autoencoder"])
         else:  # a from-scratch run trains its own, once, and keeps it in the run folder
             ae_path = out_dir / "autoencoder.pt"
-            if not ae_path.exists() and master:
-                log(f"no autoencoder yet: training one ({tc.ae_steps} steps), saved to {ae_path}")
-                save_checkpoint(ae_path, train_autoencoder(cfg, dataset, device, tc, log))
-            if world > 1:
-                dist.barrier()
+            with rank0_first(rank, world):  # the other ranks load it (from a folder they must all see)
+                if not ae_path.exists() and master:
+                    log(f"no autoencoder yet: training one ({tc.ae_steps} steps), saved to {ae_path}")
+                    save_checkpoint(ae_path, train_autoencoder(cfg, dataset, device, tc, log))
             ae = load_autoencoder(cfg, str(ae_path))
         ae.eval().requires_grad_(False).to(device)  # frozen: no grads, never wrapped in DDP
         if cfg["model"].in_channels != cfg["autoencoder"].embed_dim:
@@ -543,10 +571,7 @@ def main(argv=None):
             if found[0]:
                 log(f"latent cache: reading {cache_path}")
             else:
-                if master:
-                    cache_path.parent.mkdir(parents=True, exist_ok=True)
-                if world > 1:
-                    dist.barrier()
+                cache_path.parent.mkdir(parents=True, exist_ok=True)
                 t0 = time.time()
                 build_latent_cache(ae, dataset, cache_path, device, tc.num_workers, rank, world)
                 log(f"latent cache: encoded {len(dataset)} images in {time.time() - t0:.0f}s "
@@ -599,7 +624,8 @@ def main(argv=None):
             return x.to(device, non_blocking=True)
 
         # --- fixed conditions and noise for the sample grids ---
-        val = build_dataset(cfg["data"], "val", cfg["model"].max_objects, label_order)
+        with rank0_first(rank, world):
+            val = build_dataset(cfg["data"], "val", cfg["model"].max_objects, label_order)
         items = [val[i] for i in range(min(tc.sample_n, len(val)))]
         grid_cond = {k: torch.stack([it[k] for it in items]).to(device)
                      for k in ("boxes", "labels", "box_mask") + (("seg_mask",) if segmentation else ())}

@@ -4,6 +4,7 @@ trainable gradient in it once, and no per-step collective of the loop's own."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +36,33 @@ def test_one_all_reduce_per_optimizer_step(tmp_path):
         # the loop's own collectives: the stop-signal agreement every train.signal_every (10) steps,
         # here at step 0 only (one float), and the loss sums of the last log line (3 floats); none per step
         assert rank["loop_all_reduce"] == {"1": 1, "3": 1}, rank["loop_all_reduce"]
+
+
+def _rank0_first_worker(rank: int, port: int, log_dir: str):
+    import os
+    import time
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch.distributed as dist
+    import train
+    rank, _, world, _ = train.setup_distributed("cpu")
+    with train.rank0_first(rank, world):
+        start = time.time()
+        time.sleep(1.0 if rank == 0 else 0.0)  # rank 0's solo work (an annotation parse, say)
+        end = time.time()
+    (Path(log_dir) / f"rank{rank}.json").write_text(json.dumps([start, end]))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_rank0_first_runs_rank0_alone_before_the_others(tmp_path):
+    """train.rank0_first: rank 0's body ends before another rank's begins (they then read what it
+    wrote: one annotation parse, not one per rank), through the long-timeout gloo group."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_rank0_first_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    (start0, end0), (start1, end1) = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert end0 - start0 >= 1.0 and start1 >= end0, (start0, end0, start1, end1)
