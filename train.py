@@ -605,8 +605,12 @@ def main(argv=None):
         if ckpt is not None:
             restore_training_state(ckpt, out_dir / "last.pt", unet, ema, opt, scaler)
             step = ckpt["step"]  # from the file, never from its name
-            if world == ckpt.get("world_size") and "torch_rng" in ckpt and master:
-                torch.set_rng_state(ckpt["torch_rng"])
+            # each rank's random state (checkpoints before per-rank states hold rank 0's, "torch_rng")
+            rngs = ckpt.get("rng") or ([{"cpu": ckpt["torch_rng"]}] if "torch_rng" in ckpt else [])
+            if world == ckpt.get("world_size") and rank < len(rngs):
+                torch.set_rng_state(rngs[rank]["cpu"])
+                if device.type == "cuda" and "cuda" in rngs[rank]:
+                    torch.cuda.set_rng_state(rngs[rank]["cuda"], device)
             log(f"resumed from {out_dir / 'last.pt'} at step {step}")
         if master:  # written only now: with the autoencoder's scale factor, and not over a refused resume
             (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -641,11 +645,20 @@ def main(argv=None):
             writer = SummaryWriter(str(out_dir / "tb"))
 
         def save(path):
+            # every rank's random state (model dropout; augmentation drawn in the main process), CUDA's
+            # too (dropout draws there on a GPU): a resume on the same world size continues each rank's
+            rng = {"cpu": torch.get_rng_state()}
+            if device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(device)
+            rngs = [rng]
+            if world > 1:
+                rngs = [None] * world
+                dist.all_gather_object(rngs, rng)
             if master:
                 save_checkpoint(path, {
                     "model": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                     "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
-                    "world_size": world, "torch_rng": torch.get_rng_state(), "config": config_to_dict(cfg),
+                    "world_size": world, "rng": rngs, "config": config_to_dict(cfg),
                     "class_names": class_names, "autoencoder": ae.state_dict()})
             if world > 1:
                 dist.barrier()

@@ -7,6 +7,7 @@ import contextlib
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,7 +184,7 @@ def test_resume_continues_losses(tiny_run, run_cli, tmp_path):
     a, b = load(tiny_run / "last.pt"), load(out / "last.pt")
     assert a["step"] == b["step"] == 6
     # same data order, noise, timesteps and dropout masks per step: bit-identical (no tolerance needed)
-    for key in ("model", "ema", "optimizer", "scaler", "epoch", "world_size", "torch_rng", "autoencoder", "class_names"):
+    for key in ("model", "ema", "optimizer", "scaler", "epoch", "world_size", "rng", "autoencoder", "class_names"):
         assert_same(a[key], b[key], key)
     assert b["config"]["train"]["max_steps"] == 6 and b["config"]["model"]["dropout"] == 0.1
 
@@ -377,8 +378,10 @@ def test_segmentation_model_trains_on_celebamask_masks(run_cli, tmp_path):
 def test_ddp_two_ranks(background, tmp_path):
     out, log = tmp_path / "run", tmp_path / "log.txt"
     # no augmentation: the items are then a function of their index, and the cache the two ranks
-    # encode between them can be compared with one process's
-    proc = background(torchrun_cmd(out, "--train.log_every=1", "--data.augment=false"), log)
+    # encode between them can be compared with one process's. Dropout on, and the step-3 checkpoint
+    # kept: a resume from it must continue every rank's random draws
+    proc = background(torchrun_cmd(out, "--train.log_every=1", "--data.augment=false", "--model.dropout=0.1",
+                                   "--train.ckpt_every=3", "--train.keep_every=3"), log)
     assert finish(proc, log, timeout=300) == 0, log.read_text()[-3000:]
     stdout = log.read_text()
     assert "all 2 ranks hold identical weights" in stdout
@@ -389,9 +392,9 @@ def test_ddp_two_ranks(background, tmp_path):
     assert len(list((out / "tb").iterdir())) == 1
     assert [p.name for p in (out / "samples").iterdir()] == ["step_0000006.png"]
     assert sorted(p.name for p in out.iterdir()) == ["autoencoder.pt", "config.yaml", "last.pt", "latents.pt",
-                                                      "samples", "tb"]
+                                                      "samples", "step_0000003.pt", "step_0000006.pt", "tb"]
     ck = load(out / "last.pt")
-    assert ck["step"] == 6 and ck["world_size"] == 2
+    assert ck["step"] == 6 and ck["world_size"] == 2 and len(ck["rng"]) == 2
     # each rank encoded every other item; rank 0 interleaved the parts back into the dataset's order
     assert "latent cache: encoded 96 images in" in stdout and "(2 ranks)" in stdout
     cfg = load_config(out / "config.yaml")
@@ -401,6 +404,20 @@ def test_ddp_two_ranks(background, tmp_path):
     assert two_ranks.keys() == one_process.keys()
     for k, v in one_process.items():
         assert torch.equal(two_ranks[k], v) if torch.is_tensor(v) else two_ranks[k] == v, k
+    # 3 steps + --resume + 3 steps on 2 ranks = 6 steps straight, bit for bit: each rank restores its
+    # own random state (dropout differs per rank), not rank 0's everywhere
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("autoencoder.pt", "latents.pt", "config.yaml"):
+        shutil.copyfile(out / name, resumed / name)
+    shutil.copyfile(out / "step_0000003.pt", resumed / "last.pt")
+    log = tmp_path / "resume_log.txt"
+    proc = background(torchrun_cmd(resumed, "--resume"), log)
+    assert finish(proc, log, timeout=300) == 0, log.read_text()[-3000:]
+    again = load(resumed / "last.pt")
+    assert again["step"] == 6
+    for key in ("model", "ema"):
+        assert_same(again[key], ck[key], key)
 
 
 @pytest.mark.slow
