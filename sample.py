@@ -26,7 +26,8 @@ Benchmark sampling (--data NAME) draws the whole --split of a dataset (data.name
 settings are the checkpoint's, changed with --data.KEY=VALUE, e.g. --data.root=/data/coco) into a
 folder that holds all an evaluation needs:
     OUT/benchmark.json        the settings (a resumed run must match them)
-    OUT/layouts.json          layout i of the split, in the layout-file format above (with its caption)
+    OUT/layouts.json          layout i of the split, in the layout-file format above (with its caption,
+                              less the class names the dataset appended, which --layout appends)
     OUT/real/{i:04d}.png      its ground-truth image, at data.image_size, as the model saw it (val: no augmentation)
     OUT/masks/{i:04d}.png     its label mask (segmentation models)
     OUT/samples/r{r}/{i:04d}.png   repeat r = 0..R-1 of layout i, from noise number i * R + r: for a
@@ -56,7 +57,7 @@ from config import UserError, config_to_dict, read_class_names, run_cli
 from dataset import build_dataset, draw_layout, layouts_to_tensors, load_layouts, save_layouts, tensor_to_pil
 from diffusion import Diffusion
 from model import LayoutUNet
-from text import encode_captions, layout_caption, load_text_encoder
+from text import caption_without_labels, encode_captions, layout_caption, load_text_encoder
 from train import check_text_config, load_config, rank0_first, setup_distributed, unconditional
 from vqvae import build_autoencoder
 from weights import (RELEASED_PREFIXES, as_state_dict, find_text_weights, fit_class_names, read_file,
@@ -320,8 +321,12 @@ def sample_benchmark(args, drawer: Drawer, class_names: list[str], rank: int, wo
         # boxes rounded as layouts.json stores them: sample.py --layout OUT/layouts.json --n R draws the same
         objects = [(int(label), [round(float(v), 6) for v in box])
                    for label, box, keep in zip(item["labels"], item["boxes"], item["box_mask"]) if keep]
-        layouts[i] = {"caption": item.get("caption"), "objects": objects}
         prompts[i] = item.get("caption") or ""  # the training caption (data.caption), labels already in it
+        # layouts.json keeps it without the class names the dataset appended (COCO's text+labels, VG's
+        # labels): sample.py --layout OUT/layouts.json appends them (text.append_labels), once
+        names = [class_names[label] for label, _ in objects]
+        stored = caption_without_labels(prompts[i], names) if cfg["text"].append_labels else prompts[i]
+        layouts[i] = {"caption": stored, "objects": objects}
         if not (out / "real" / f"{i:04d}.png").exists():
             save_png(tensor_to_pil(item["image"]), out / "real" / f"{i:04d}.png")
         if segmentation:

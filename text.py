@@ -527,6 +527,17 @@ def layout_caption(caption: str, names: list[str], append_labels: bool = True) -
     return ",".join(([caption] if caption else []) + list(dict.fromkeys(names)))
 
 
+def caption_without_labels(text: str, names: list[str]) -> str:
+    """The caption that layout_caption(caption, names) made `text` from: the class names it appended
+    taken off again (sample.py's layout files keep that, and append the names themselves). A text
+    layout_caption did not make comes back as it is."""
+    labels = ",".join(dict.fromkeys(names))
+    for caption in ([text[:-len(labels) - 1]] if labels and text.endswith("," + labels) else []) + [""]:
+        if layout_caption(caption, names) == text:
+            return caption
+    return text
+
+
 @torch.no_grad()
 def caption_context(tokenizer, encoder: nn.Module, captions: list[str], drop: torch.Tensor,
                     uncond: torch.Tensor, device) -> torch.Tensor:

@@ -424,6 +424,38 @@ def test_benchmark_bad_arguments_exit_2_and_write_nothing(tiny_run, tmp_path, ca
     assert not out.exists()
 
 
+def test_benchmark_layouts_file_gives_back_the_training_captions(tmp_path, capsys):
+    """With captions that carry the class names (data.caption=text+labels, COCO's), layouts.json keeps
+    each caption without them: sample.py --layout appends them (text.append_labels), so its prompt
+    is the training text, not the text with the names twice."""
+    from config import config_to_dict
+    from dataset import SHAPES_CLASSES, DataConfig, build_dataset, load_layouts, write_folder
+    from sample import layout_prompt
+    cfg, unet, ae = text_model_parts(tmp_path)
+    ckpt = tmp_path / "text.pt"
+    torch.save({"model": unet.state_dict(), "config": config_to_dict(cfg), "class_names": list(SHAPES_CLASSES),
+                "autoencoder": ae.state_dict()}, ckpt)
+    write_folder(tmp_path / "folder", n=3, seed=0, image_size=32)
+    out = tmp_path / "bench"
+    cli(["--ckpt", str(ckpt), "--data", "folder", f"--data.root={tmp_path / 'folder'}", "--data.caption=text+labels",
+         "--split", "val", "--out", str(out)])
+    assert "3 layouts x 1 repeats" in capsys.readouterr().out
+    data = build_dataset(DataConfig(name="folder", root=str(tmp_path / "folder"), image_size=32, caption="text+labels"),
+                         "val", cfg["model"].max_objects, list(SHAPES_CLASSES))
+    layouts = load_layouts(out / "layouts.json", list(SHAPES_CLASSES), cfg["model"].max_objects)
+    for i, layout in enumerate(layouts):
+        trained = data[i]["caption"]
+        assert trained.count(",") > 0 and layout_prompt(layout, list(SHAPES_CLASSES)) == trained, (layout, trained)
+
+
+def test_caption_without_labels_inverts_layout_caption():
+    from text import caption_without_labels, layout_caption
+    for caption, names in (("a man, riding", ["person", "horse", "person"]), ("", ["person"]), ("a,b", ["b"]),
+                           ("person", ["person"]), ("cap", []), ("", [])):
+        assert caption_without_labels(layout_caption(caption, names), names) == caption, (caption, names)
+    assert caption_without_labels("no names here", ["cat"]) == "no names here"  # not made by layout_caption
+
+
 def test_benchmark_segmentation_model_writes_masks(tmp_path, capsys):
     """sample.py --data celebamask with a segmentation model: each val image's label mask is the
     condition, and is written beside its ground truth."""
