@@ -27,8 +27,9 @@ Rows (--only takes any of the sections; one Markdown table, `x` has its own):
      formulas: matmuls, convolutions, attention; elementwise ops not counted, the MFU convention)
      / median time.
   a  "step": one training step as train.py does it, latents and text given: autocast forward and
-     loss (diffusion.training_losses), backward, clip_grad_norm_, the non-finite check, AdamW (fused
-     on CUDA) over the trained parameters; the foundation has requires_grad_(False). One row per
+     loss (diffusion.training_losses), backward, clip_grad_norm_, fused AdamW over the trained
+     parameters (a non-finite step skipped on the device, no host sync); the foundation has
+     requires_grad_(False). One row per
      batch until one runs out of memory. Target >= 150 images/s.
      "trick ...": one speed trick alone at a batch that fitted (32), against "trick base" at the same
      batch ("vs base"): what each trick buys, measured. channels_last, cudnn.benchmark, the masked
@@ -443,18 +444,19 @@ def build(args, mc: ModelConfig, ac: AutoencoderConfig, tc: TextConfig) -> dict:
 
 def train_step(args, env: dict, batch: dict, net=None, layout: bool = True, ema=None):
     """One training step as train.py's loop does it (minus logging): autocast forward and loss,
-    backward, gradient clipping, the non-finite check (one host sync, as train.py), fused AdamW,
-    then `ema()` when given. net: the UNet (default) or a compiled wrapper; layout False: no boxes."""
+    backward, gradient clipping, fused AdamW skipping a non-finite step on the device (no host sync,
+    as train.py), then `ema()` when given. net: the UNet (default) or a compiled wrapper; layout
+    False: no boxes."""
     cond = {k: batch[k] for k in ("boxes", "labels", "box_mask")} if layout else {}
     with amp_context(args):
         losses = env["diffusion"].training_losses(env["unet"] if net is None else net, batch["x_start"],
                                                   batch["t"], batch["noise"], text=batch["text"], **cond)
     losses["loss"].backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(env["params"], 1.0)
-    if torch.isfinite(grad_norm):
-        env["opt"].step()
-        if ema is not None:
-            ema()
+    env["opt"].found_inf = (~torch.isfinite(grad_norm)).float()
+    env["opt"].step()
+    if ema is not None:
+        ema()
     env["opt"].zero_grad(set_to_none=True)
 
 

@@ -381,6 +381,18 @@ def weights_digest(module) -> torch.Tensor:
     return torch.cat(out)
 
 
+def to_host_async(t: torch.Tensor) -> tuple:
+    """A copy of a small device tensor on the host, made without waiting for the GPU: (the copy, the
+    CUDA event that marks it done: synchronize on it before reading). A CPU tensor is its own (None)."""
+    if t.device.type != "cuda":
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay: float):
     """EMA of the trained parameters only, in one fused foreach call: frozen ones never change, so
@@ -644,7 +656,27 @@ def main(argv=None):
             from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
             writer = SummaryWriter(str(out_dir / "tb"))
 
+        # the non-finite check, without a host sync per step: each step's skip happens on the device
+        # (below), and the host reads its flag (skipped, how many in a row) one step later, once it has
+        # queued the next step, so the GPU never idles for it; and before each checkpoint and log line
+        unread = []  # [(step, flags, the copy to the host done)] the host has not looked at yet
+
+        def check_nonfinite(keep_newest: bool = False):
+            """Log the skipped steps not yet seen, and stop at train.max_nonfinite in a row (every rank
+            at the same step: the gradients, hence the flags, are the same on all)."""
+            while len(unread) > keep_newest:
+                at, flags, copied = unread.pop(0)
+                if copied is not None:
+                    copied.synchronize()  # long done but for the newest step's: the host is one step ahead
+                skipped, in_a_row = flags.tolist()
+                if skipped:
+                    log(f"step {at}: non-finite loss or gradient, update skipped ({in_a_row} in a row)")
+                if in_a_row >= tc.max_nonfinite:
+                    raise UserError(f"{in_a_row} non-finite steps in a row at step {at}; stopping. "
+                                    f"The last good checkpoint is {out_dir / 'last.pt'}")
+
         def save(path):
+            check_nonfinite()  # never a checkpoint past the non-finite stop
             # every rank's random state (model dropout; augmentation drawn in the main process), CUDA's
             # too (dropout draws there on a GPU): a resume on the same world size continues each rank's
             rng = {"cpu": torch.get_rng_state()}
@@ -683,7 +715,8 @@ def main(argv=None):
             signal.signal(sig, lambda s, _: stop.update(received=s))
         running = torch.zeros(3, device=device)  # loss sum, count, non-finite steps
         quartiles = torch.zeros(2, 4, device=device)  # loss sum and count by timestep quartile
-        nonfinite_in_a_row, t_log, n_log = 0, time.time(), 0
+        in_a_row = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps in a row
+        t_log, n_log = time.time(), 0
         # test-only hooks, unset in real runs: LD_TEST_NAN_AT_STEP=N makes the loss NaN from step N on
         # (the non-finite stop, tests/test_train.py); LD_TEST_CRASH_RANK=R with LD_TEST_CRASH_AT_STEP=N
         # makes rank R die at once at step N, as a killed worker would (tests/test_reliability.py)
@@ -771,26 +804,28 @@ def main(argv=None):
                         step_stats[2].index_add_(0, q, torch.ones_like(q, dtype=torch.float))
                 scaler.unscale_(opt)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                # gradients are already all-reduced, so every rank sees the same norm and makes the same
-                # choice; fp16's GradScaler skips steps with infs by itself
-                if torch.isfinite(grad_norm) or amp_dtype == torch.float16:
-                    nonfinite_in_a_row = 0
-                    scaler.step(opt)
-                    scaler.update()
-                    update_ema(ema, unet, tc.ema_decay)
-                    running[:2] += torch.stack([step_stats[0, 0], torch.ones((), device=device)])
-                    quartiles += step_stats[1:]
-                else:  # skip the update; a NaN must not reach the weights, the EMA or the logged loss
-                    nonfinite_in_a_row += 1
-                    running[2] += 1
-                    log(f"step {step + 1}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
-                    if nonfinite_in_a_row >= tc.max_nonfinite:
-                        raise UserError(f"{nonfinite_in_a_row} non-finite steps in a row at step {step + 1}; stopping. "
-                                        f"The last good checkpoint is {out_dir / 'last.pt'}")
+                # a non-finite loss or gradient skips the update, decided on the device: the fused AdamW
+                # leaves the weights (and its step count) as they are where found_inf is 1, the EMA then
+                # steps towards those unchanged weights, and the logged loss leaves the step out. The
+                # gradients are all-reduced, so every rank sees the same norm and skips the same steps;
+                # fp16's GradScaler skips steps with infs by itself (they count as taken here)
+                keep = torch.isfinite(grad_norm) | (amp_dtype == torch.float16)
+                if amp_dtype != torch.float16:
+                    opt.found_inf = (~keep).float()
+                scaler.step(opt)
+                scaler.update()
+                update_ema(ema, unet, tc.ema_decay)
+                running[:2] += torch.where(keep, torch.stack([step_stats[0, 0], torch.ones((), device=device)]), 0.0)
+                running[2] += (~keep).float()
+                quartiles += torch.where(keep, step_stats[1:], 0.0)
+                in_a_row = torch.where(keep, 0, in_a_row + 1)
+                unread.append((step + 1, *to_host_async(torch.stack([(~keep).long(), in_a_row]))))
+                check_nonfinite(keep_newest=True)
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 n_log += tc.batch_size
                 if step % tc.log_every == 0 or step == tc.max_steps:
+                    check_nonfinite()
                     if world > 1:
                         dist.all_reduce(running)  # the loss averaged over ranks
                     loss = (running[0] / running[1].clamp(min=1)).item()

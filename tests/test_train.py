@@ -339,18 +339,24 @@ def test_mixed_precision_trains_on_cpu(run_cli, tmp_path):
 
 def test_nonfinite_loss_stops_run_and_keeps_checkpoint(run_cli, tmp_path):
     out = tmp_path / "run"
-    # test-only hook in train.py: the loss is NaN from step 3 (0-based) on, so the updates of steps
-    # 4, 5, 6 (counted from 1, as the log does) are skipped; the checkpoint hook still runs at step 4
-    # and saves the good weights of step 3
+    # test-only hook in train.py: the loss is NaN from step 2 (0-based) on, so the updates of steps
+    # 3, 4, 5 (counted from 1, as the log does) are skipped, on the device; the checkpoint hook still
+    # runs at step 4 and saves the good weights of step 2. The host reads each step's flag a step
+    # later (step 5's in step 6), and at each log line and checkpoint
     proc = run_cli("train.py", "--preset", "tiny", f"--train.out_dir={out}", "--train.max_nonfinite=3",
-                   "--train.ckpt_every=2", env=cli_env(LD_TEST_NAN_AT_STEP="3"))
+                   "--train.ckpt_every=2", "--train.keep_every=2", env=cli_env(LD_TEST_NAN_AT_STEP="2"))
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr == (f"error: 3 non-finite steps in a row at step 6; stopping. "
+    assert proc.stderr == (f"error: 3 non-finite steps in a row at step 5; stopping. "
                            f"The last good checkpoint is {out / 'last.pt'}\n")
-    assert [int(s) for s in re.findall(r"^step (\d+): non-finite", proc.stdout, re.M)] == [4, 5, 6]
-    ck = load(out / "last.pt")
-    assert ck["step"] == 4  # written after the first skipped update: the weights are still those of step 3
-    assert all(torch.isfinite(v).all() for v in list(ck["model"].values()) + list(ck["ema"].values()))
+    assert [int(s) for s in re.findall(r"^step (\d+): non-finite", proc.stdout, re.M)] == [3, 4, 5]
+    ck, good = load(out / "last.pt"), load(out / "step_0000002.pt")
+    assert ck["step"] == 4  # written after two skipped updates: the weights are still those of step 2
+    assert_same(ck["model"], good["model"], "model")
+    assert_same(ck["optimizer"], good["optimizer"], "optimizer")  # the moments and step counts too
+    assert all(torch.isfinite(v).all() for v in ck["ema"].values())
+    # the logged loss leaves the skipped steps out: the line of step 4 averages step 3's NaN away
+    losses = dict(re.findall(r"^step +(\d+)/6 \| loss (\S+)", proc.stdout, re.M))
+    assert float(losses["2"]) > 0 and losses["4"] == "0.0000", losses
 
 
 def test_segmentation_model_trains_on_celebamask_masks(run_cli, tmp_path):
