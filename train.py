@@ -280,19 +280,21 @@ def encode_dataset(ae, dataset, device, num_workers: int, batch_size: int = 128)
 LATENT_CACHE_VERSION = 1
 
 
-def latent_cache_path(cfg: dict, ae, label_order, out_dir: Path) -> Path:
+def latent_cache_path(cfg: dict, ae, dataset, label_order, out_dir: Path) -> Path:
     """The run's latent cache file: latents.pt in the run folder, or with train.latent_cache_dir
     latents-<key>.pt there, shared by every run whose cached items would be the same. The key hashes
-    what they depend on: the data section (but data.cache_dir), model.max_objects, the label order,
-    the autoencoder's config (but its scale factor, applied after the cache) and its weights. So runs
-    on one dataset and one autoencoder (a foundation's, or train.autoencoder_ckpt) encode it once,
-    and any change that alters the items gets a cache of its own."""
+    what they depend on: the data section (but data.cache_dir), the dataset's size and records (its
+    files' names and annotations, where it has them), model.max_objects, the label order, the
+    autoencoder's config (but its scale factor, applied after the cache) and its weights. So runs on
+    one dataset and one autoencoder (a foundation's, or train.autoencoder_ckpt) encode it once, and
+    any change that alters the items gets a cache of its own; an image replaced under the same name
+    is not seen (delete the cache then)."""
     if not cfg["train"].latent_cache_dir:
         return out_dir / "latents.pt"
     data, ae_cfg = dataclasses.asdict(cfg["data"]), dataclasses.asdict(cfg["autoencoder"])
     del data["cache_dir"], ae_cfg["scale_factor"]
-    what = dict(version=LATENT_CACHE_VERSION, data=data, max_objects=cfg["model"].max_objects,
-                label_order=label_order, autoencoder=ae_cfg)
+    what = dict(version=LATENT_CACHE_VERSION, data=data, items=len(dataset), records=getattr(dataset, "records", None),
+                max_objects=cfg["model"].max_objects, label_order=label_order, autoencoder=ae_cfg)
     key = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
     for name, v in sorted(ae.state_dict().items()):
         key.update(name.encode())
@@ -300,19 +302,47 @@ def latent_cache_path(cfg: dict, ae, label_order, out_dir: Path) -> Path:
     return Path(cfg["train"].latent_cache_dir) / f"latents-{key.hexdigest()[:16]}.pt"
 
 
-def build_latent_cache(ae, dataset, path: Path, device, num_workers: int, rank: int, world: int):
-    """Encode the training set into `path` (encode_dataset), the ranks sharing the work: rank r
-    encodes items r, r + world, ... into a part file; rank 0 then interleaves the parts back into the
-    dataset's order (the file one process would write) and removes them. The parts go through the
-    folder, as the cache itself does: every rank must see it (on several nodes, a shared one)."""
+class SeededItems(torch.utils.data.Dataset):
+    """dataset[i] drawn with torch's global generator seeded from (seed, i): the random choices an
+    item makes (one of COCO's five captions, Visual Genome's object order, a crop) depend on its
+    index alone, not on the process, worker or order that reads it."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        torch.default_generator.manual_seed((self.seed << 32) + i)  # the CPU one: where items draw
+        return self.dataset[i]
+
+
+def build_latent_cache(ae, dataset, path: Path, device, num_workers: int, seed: int, rank: int, world: int,
+                       build: str = ""):
+    """Encode the training set into `path` (encode_dataset; each item seeded by its index, so the
+    file depends on the data and `seed` only), the ranks sharing the work: rank r encodes items r,
+    r + world, ... into a part file; rank 0 then interleaves the parts back into the dataset's order
+    (the file one process writes) and removes them. The parts go through the folder, as the cache
+    itself does: every rank must see it (on several nodes, a shared one). `build` (the same on all
+    ranks) names this build's files apart from another run's building the same cache at once; the
+    last one's rename wins (both hold the same)."""
+    items = SeededItems(dataset, seed)
+    with torch.random.fork_rng(devices=[]):  # the seeding must not move the run's own draws
+        if world == 1:
+            cache = encode_dataset(ae, items, device, num_workers)
+        else:
+            shard = torch.utils.data.Subset(items, range(rank, len(items), world))
+            cache = encode_dataset(ae, shard, device, num_workers)
     if world == 1:
-        save_checkpoint(path, encode_dataset(ae, dataset, device, num_workers))
+        save_checkpoint(path.with_name(f"{path.name}.{build}"), cache)
+        os.replace(path.with_name(f"{path.name}.{build}"), path)
         return
 
     def part(r: int) -> Path:
-        return path.with_name(f"{path.name}.part{r}-of-{world}")
-    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    save_checkpoint(part(rank), encode_dataset(ae, shard, device, num_workers))
+        return path.with_name(f"{path.name}.{build}.part{r}-of-{world}")
+    save_checkpoint(part(rank), cache)
+    del cache
     solo_barrier(world)  # every part written
     if rank == 0:
         parts = [load_checkpoint(part(r), mmap=True) for r in range(world)]
@@ -322,7 +352,8 @@ def build_latent_cache(ae, dataset, path: Path, device, num_workers: int, rank: 
             merged[k] = first.new_empty((n,) + first.shape[1:]) if torch.is_tensor(first) else [None] * n
             for r in range(world):
                 merged[k][r::world] = parts[r][k]
-        save_checkpoint(path, merged)
+        save_checkpoint(path.with_name(f"{path.name}.{build}"), merged)
+        os.replace(path.with_name(f"{path.name}.{build}"), path)
         del parts, merged
         for r in range(world):
             part(r).unlink()
@@ -471,14 +502,15 @@ def setup_distributed(device: str = "auto"):
     # a bounded timeout: if a rank dies the others fail with an error instead of hanging forever
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
     global _solo_group
-    _solo_group = dist.new_group(backend="gloo", timeout=SOLO_TIMEOUT)
+    _solo_group = dist.new_group(timeout=SOLO_TIMEOUT)  # the same backend: no other network needed
     return rank, local_rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
 # Rank 0 works alone at times while the other ranks wait: it parses the annotations (the first parse
 # of Visual Genome takes minutes), trains a from-scratch run's autoencoder, merges the latent cache.
-# That can outlast the collectives' 10 minutes, so they wait on a gloo group of their own with a long
-# timeout; a rank that dies still ends the wait at once (gloo sees the closed connection).
+# That can outlast the collectives' 10 minutes, so they wait on a group of their own (same backend)
+# with a long timeout. A rank that dies still ends the wait: torchrun stops the other workers when
+# one fails (and gloo sees the closed connection at once).
 SOLO_TIMEOUT = datetime.timedelta(hours=3)
 _solo_group = None  # made by setup_distributed
 
@@ -576,21 +608,26 @@ def main(argv=None):
             del text_sd
         train_set = dataset
         if tc.latent_cache:
-            cache_path = latent_cache_path(cfg, ae, label_order, out_dir)
-            found = [cache_path.exists()]
-            if world > 1:  # rank 0's answer: the ranks must agree on building it (its collectives)
+            cache_path = latent_cache_path(cfg, ae, dataset, label_order, out_dir)
+            # rank 0's answer, and its name for this build's files: the ranks must agree (collectives)
+            found = [cache_path.exists(), f"build{os.getpid()}-{time.time_ns()}"]
+            if world > 1:
                 dist.broadcast_object_list(found, src=0)
             if found[0]:
                 log(f"latent cache: reading {cache_path}")
             else:
                 cache_path.parent.mkdir(parents=True, exist_ok=True)
                 t0 = time.time()
-                build_latent_cache(ae, dataset, cache_path, device, tc.num_workers, rank, world)
+                build_latent_cache(ae, dataset, cache_path, device, tc.num_workers, cfg["data"].seed, rank, world,
+                                   build=found[1])
                 log(f"latent cache: encoded {len(dataset)} images in {time.time() - t0:.0f}s "
                     f"({world} rank{'s' if world > 1 else ''}) -> {cache_path}")
             # memory-mapped: the ranks of a node share one copy (COCO at 512 px: ~8 GB). A new cache
-            # replaces the file by a rename (save_checkpoint), never writes into the one being read
+            # replaces the file by a rename, never writes into the one being read
             train_set = LatentDataset(load_checkpoint(cache_path, mmap=True))
+            if len(train_set) < tc.batch_size:  # an old cache of another dataset, say
+                raise UserError(f"{cache_path}: {len(train_set)} cached items are fewer than one batch of "
+                                f"{tc.batch_size}; delete it to re-encode the training set")
             if text_encoder is not None and "caption" not in train_set.cache:
                 raise UserError(f"{cache_path}: a latent cache without captions (written before text conditioning); "
                                 f"delete it to re-encode the training set")
@@ -608,7 +645,7 @@ def main(argv=None):
             freeze_foundation(unet)
         elif tc.trainable != "all":
             raise UserError(f"train.trainable={tc.trainable!r}, expected 'all' or 'layout'")
-        ema = copy.deepcopy(unet).requires_grad_(False)
+        ema = copy.deepcopy(unet).requires_grad_(False).eval()  # eval: no dropout in the sample grids
         params = [p for p in unet.parameters() if p.requires_grad]
         # fused: one kernel (CUDA) or one parallel loop (CPU) for all tensors; ~5 % of a shapes step on 2 cores
         opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
@@ -671,7 +708,7 @@ def main(argv=None):
                 skipped, in_a_row = flags.tolist()
                 if skipped:
                     log(f"step {at}: non-finite loss or gradient, update skipped ({in_a_row} in a row)")
-                if in_a_row >= tc.max_nonfinite:
+                if skipped and in_a_row >= tc.max_nonfinite:
                     raise UserError(f"{in_a_row} non-finite steps in a row at step {at}; stopping. "
                                     f"The last good checkpoint is {out_dir / 'last.pt'}")
 
@@ -697,7 +734,9 @@ def main(argv=None):
 
         def samples():
             if master:
-                grid = sample_grid(ema, ae, diffusion, dc, grid_cond, grid_uncond, grid_noise, class_names)
+                # its own random draws (a sampler with eta > 0): the run's, saved in checkpoints, go on as without
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    grid = sample_grid(ema, ae, diffusion, dc, grid_cond, grid_uncond, grid_noise, class_names)
                 (out_dir / "samples").mkdir(exist_ok=True)
                 tensor_to_pil(grid.float() / 127.5 - 1).save(out_dir / "samples" / f"step_{step:07d}.png")
                 writer.add_image("samples", grid, step)
@@ -828,7 +867,7 @@ def main(argv=None):
                     check_nonfinite()
                     if world > 1:
                         dist.all_reduce(running)  # the loss averaged over ranks
-                    loss = (running[0] / running[1].clamp(min=1)).item()
+                    loss = (running[0] / running[1]).item()  # nan when every step since the last line was skipped
                     dt = time.time() - t_log
                     eta = (tc.max_steps - step) * dt / max(1, tc.log_every)
                     log(f"step {step:6d}/{tc.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm.item():.3f} | "

@@ -57,7 +57,7 @@ def _rank0_first_worker(rank: int, port: int, log_dir: str):
 @pytest.mark.slow
 def test_rank0_first_runs_rank0_alone_before_the_others(tmp_path):
     """train.rank0_first: rank 0's body ends before another rank's begins (they then read what it
-    wrote: one annotation parse, not one per rank), through the long-timeout gloo group."""
+    wrote: one annotation parse, not one per rank), through the long-timeout group."""
     import socket
     import torch.multiprocessing as mp
     with socket.socket() as sock:

@@ -21,7 +21,7 @@ import torch
 from conftest import ROOT, TINY_RUN_ARGS, cli_env, mapped_from, write_celebamask
 from config import config_to_dict
 from dataset import build_dataset
-from train import (UserError, cli, encode_dataset, latent_cache_path, load_autoencoder, load_checkpoint, load_config,
+from train import (UserError, build_latent_cache, cli, latent_cache_path, load_autoencoder, load_checkpoint, load_config,
                    save_checkpoint)
 from vqvae import build_autoencoder
 
@@ -354,9 +354,9 @@ def test_nonfinite_loss_stops_run_and_keeps_checkpoint(run_cli, tmp_path):
     assert_same(ck["model"], good["model"], "model")
     assert_same(ck["optimizer"], good["optimizer"], "optimizer")  # the moments and step counts too
     assert all(torch.isfinite(v).all() for v in ck["ema"].values())
-    # the logged loss leaves the skipped steps out: the line of step 4 averages step 3's NaN away
+    # the logged loss leaves the skipped steps out: the line of step 4 has none left (nan, not 0)
     losses = dict(re.findall(r"^step +(\d+)/6 \| loss (\S+)", proc.stdout, re.M))
-    assert float(losses["2"]) > 0 and losses["4"] == "0.0000", losses
+    assert float(losses["2"]) > 0 and losses["4"] == "nan", losses
 
 
 def test_segmentation_model_trains_on_celebamask_masks(run_cli, tmp_path):
@@ -385,9 +385,10 @@ def test_ddp_two_ranks(background, tmp_path):
     out, log = tmp_path / "run", tmp_path / "log.txt"
     # no augmentation: the items are then a function of their index, and the cache the two ranks
     # encode between them can be compared with one process's. Dropout on, and the step-3 checkpoint
-    # kept: a resume from it must continue every rank's random draws
+    # kept: a resume from it must continue every rank's random draws, also across the sample grid
+    # drawn right after it
     proc = background(torchrun_cmd(out, "--train.log_every=1", "--data.augment=false", "--model.dropout=0.1",
-                                   "--train.ckpt_every=3", "--train.keep_every=3"), log)
+                                   "--train.ckpt_every=3", "--train.keep_every=3", "--train.sample_every=3"), log)
     assert finish(proc, log, timeout=300) == 0, log.read_text()[-3000:]
     stdout = log.read_text()
     assert "all 2 ranks hold identical weights" in stdout
@@ -396,7 +397,7 @@ def test_ddp_two_ranks(background, tmp_path):
     assert stdout.count("UNet: ") == 1 and stdout.count("done: 6 steps") == 1
     assert "world 2 | micro-batch 4" in stdout
     assert len(list((out / "tb").iterdir())) == 1
-    assert [p.name for p in (out / "samples").iterdir()] == ["step_0000006.png"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
     assert sorted(p.name for p in out.iterdir()) == ["autoencoder.pt", "config.yaml", "last.pt", "latents.pt",
                                                       "samples", "step_0000003.pt", "step_0000006.pt", "tb"]
     ck = load(out / "last.pt")
@@ -405,8 +406,9 @@ def test_ddp_two_ranks(background, tmp_path):
     assert "latent cache: encoded 96 images in" in stdout and "(2 ranks)" in stdout
     cfg = load_config(out / "config.yaml")
     dataset = build_dataset(cfg["data"], "train", cfg["model"].max_objects, None)
-    one_process = encode_dataset(load_autoencoder(cfg, str(out / "autoencoder.pt")).eval(), dataset, "cpu", 0)
-    two_ranks = load(out / "latents.pt")
+    ae = load_autoencoder(cfg, str(out / "autoencoder.pt")).eval()
+    build_latent_cache(ae, dataset, tmp_path / "one.pt", "cpu", 0, cfg["data"].seed, rank=0, world=1, build="x")
+    one_process, two_ranks = load(tmp_path / "one.pt"), load(out / "latents.pt")
     assert two_ranks.keys() == one_process.keys()
     for k, v in one_process.items():
         assert torch.equal(two_ranks[k], v) if torch.is_tensor(v) else two_ranks[k] == v, k
@@ -466,23 +468,67 @@ def test_latent_cache_dir_is_shared_by_runs_on_the_same_data_and_autoencoder(tin
     assert not (tmp_path / "b" / "latents.pt").exists()
 
 
+class Records(list):
+    """A dataset stand-in for the cache key: its length and its records."""
+
+    @property
+    def records(self):
+        return list(self)
+
+
 def test_latent_cache_path_changes_with_what_the_items_depend_on(tmp_path):
     cfg = load_config(preset="tiny", overrides=[f"--train.latent_cache_dir={tmp_path}"])
     ae = build_autoencoder(cfg["autoencoder"])
-    path = latent_cache_path(cfg, ae, None, tmp_path / "run")
+    data = Records([{"file": "a.png", "objects": [[0, 0.0, 0.0, 0.5, 0.5]]}, {"file": "b.png", "objects": []}])
+
+    def key(c=cfg, dataset=data, label_order=None, out=tmp_path / "run"):
+        return latent_cache_path(c, ae, dataset, label_order, out)
+    path = key()
     assert path.parent == tmp_path and path.name.startswith("latents-")
-    assert latent_cache_path(cfg, ae, None, tmp_path / "other_run") == path  # not per run
+    assert key(out=tmp_path / "other_run") == path  # not per run
     for override in ("--data.cache_dir=elsewhere", "--autoencoder.scale_factor=0.5", "--train.lr=1"):
-        assert latent_cache_path(load_config(base=config_to_dict(cfg), overrides=[override]), ae, None, tmp_path) == path
+        assert key(load_config(base=config_to_dict(cfg), overrides=[override])) == path
     for override in ("--data.seed=1", "--data.image_size=16", "--data.caption=none", "--model.max_objects=4",
                      "--autoencoder.ch=16"):
-        assert latent_cache_path(load_config(base=config_to_dict(cfg), overrides=[override]), ae, None, tmp_path) != path
-    assert latent_cache_path(cfg, ae, ["b", "a"], tmp_path) != path  # another label order
+        assert key(load_config(base=config_to_dict(cfg), overrides=[override])) != path, override
+    assert key(label_order=["b", "a"]) != path                                  # another label order
+    assert key(dataset=Records(data[:1])) != path                               # an image fewer
+    assert key(dataset=Records([data[0], dict(data[1], objects=[[1, 0, 0, 1, 1]])])) != path  # an edited layout
     with torch.no_grad():
-        next(ae.parameters()).view(-1)[0] += 1e-3                          # other autoencoder weights
-    assert latent_cache_path(cfg, ae, None, tmp_path) != path
-    no_dir = load_config(preset="tiny")
-    assert latent_cache_path(no_dir, ae, None, tmp_path / "run") == tmp_path / "run" / "latents.pt"
+        next(ae.parameters()).view(-1)[0] += 1e-3                               # other autoencoder weights
+    assert key() != path
+    assert key(load_config(preset="tiny")) == tmp_path / "run" / "latents.pt"  # no latent_cache_dir
+
+
+class RandomCaptions(torch.utils.data.Dataset):
+    """Items whose caption is drawn from torch's global generator, as COCO's train split picks one of
+    an image's five captions."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return {"image": torch.full((3, 8, 8), i / 6), "caption": f"caption {int(torch.randint(0, 1000, ()))}"}
+
+
+def test_latent_cache_items_depend_on_their_index_only(tmp_path):
+    """The random choices an item makes are seeded by its index: the cache is the same whatever the
+    run's random state (so one cache serves every seed and world size its key admits), and building
+    it leaves that state where it was."""
+    ae = build_autoencoder(load_config(preset="tiny")["autoencoder"]).eval()
+    caches = []
+    for run_seed in (1, 2):
+        torch.manual_seed(run_seed)
+        build_latent_cache(ae, RandomCaptions(), tmp_path / f"{run_seed}.pt", "cpu", 0, 0, rank=0, world=1, build="b")
+        caches.append(load_checkpoint(tmp_path / f"{run_seed}.pt"))
+    assert caches[0]["caption"] == caches[1]["caption"] and len(set(caches[0]["caption"])) > 1
+    assert torch.equal(caches[0]["mean"], caches[1]["mean"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.pt", "2.pt"]  # no build files left
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    build_latent_cache(ae, RandomCaptions(), tmp_path / "3.pt", "cpu", 0, 0, rank=0, world=1, build="b")
+    assert torch.equal(torch.rand(3), expected)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
