@@ -93,6 +93,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import model
 import train
 from diffusion import Diffusion, DiffusionConfig
+from latents import posterior
 from model import LayoutAttention, LayoutUNet, ModelConfig, box_regions, box_windows, layout_raster
 from text import TextConfig, build_text_encoder
 from vqvae import AutoencoderConfig, build_autoencoder
@@ -872,11 +873,11 @@ def section_f(args, env: dict, a_results: dict):
     images = (torch.rand(B, 3, px, px, generator=env["gen"]) * 2 - 1).to(dev)
     ids = torch.randint(0, tc.vocab_size, (B, tc.max_len), generator=env["gen"]).to(dev)
     with torch.no_grad():
-        mean, std = train.posterior(ae, images)  # the latent cache's entries
+        mean, std = posterior(ae, images)  # the latent cache's entries
 
     def step(encode_images: bool):
         with torch.no_grad():  # the frozen parts: no graph, never trained; images encoded in fp32 as train.py
-            m, s = train.posterior(ae, images) if encode_images else (mean, std)
+            m, s = posterior(ae, images) if encode_images else (mean, std)
             z = m + s * torch.randn_like(m)
             with amp_context(args):
                 text = env["text_encoder"](ids)

@@ -21,8 +21,8 @@ import torch
 from conftest import ROOT, TINY_RUN_ARGS, cli_env, mapped_from, write_celebamask
 from config import config_to_dict
 from dataset import build_dataset
-from train import (UserError, build_latent_cache, cli, latent_cache_path, load_autoencoder, load_checkpoint, load_config,
-                   save_checkpoint)
+from latents import latent_cache_path, load_autoencoder
+from train import UserError, build_latent_cache, cli, load_checkpoint, load_config, save_checkpoint
 from vqvae import build_autoencoder
 
 # -----------------------------------------------------------------------------

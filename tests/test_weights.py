@@ -23,7 +23,8 @@ from model import LayoutAttention, LayoutUNet, ModelConfig, original_key_to_ours
 from vqvae import AutoencoderKL, VQModel
 import weights
 from text import build_text_encoder
-from train import load_autoencoder, load_config
+from latents import load_autoencoder
+from train import load_config
 from vqvae import build_autoencoder
 from weights import (SCHEDULE_KEYS, find_text_weights, foundation_to_layout_unet, load_foundation, read_state_dict,
                      released_modules, released_to_ours, split_foundation)
