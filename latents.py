@@ -24,6 +24,7 @@ from config import UserError
 from vqvae import AutoencoderConfig, autoencoder_loss, build_autoencoder
 from weights import as_state_dict, foundation_parts, read_file
 
+
 def train_autoencoder(cfg: dict, dataset, device, tc, log) -> dict:
     """Train the small KL autoencoder of a from-scratch run on the training images and return its
     checkpoint dict (tc: the train section, train.TrainConfig). Its scale factor is set so that the

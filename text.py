@@ -532,10 +532,8 @@ def caption_without_labels(text: str, names: list[str]) -> str:
     taken off again (sample.py's layout files keep that, and append the names themselves). A text
     layout_caption did not make comes back as it is."""
     labels = ",".join(dict.fromkeys(names))
-    for caption in ([text[:-len(labels) - 1]] if labels and text.endswith("," + labels) else []) + [""]:
-        if layout_caption(caption, names) == text:
-            return caption
-    return text
+    caption = "" if text == labels else text[:-len(labels) - 1] if labels and text.endswith("," + labels) else text
+    return caption if layout_caption(caption, names) == text else text
 
 
 @torch.no_grad()

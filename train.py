@@ -133,9 +133,11 @@ def check_text_config(cfg: dict):
 
 def save_checkpoint(path: Path, state: dict):
     """Write to a temporary file, fsync, then rename: a kill never leaves a half-written file, and
-    the previous checkpoint stays intact until the new one is complete."""
+    the previous checkpoint stays intact until the new one is complete. The temporary file is this
+    process's own: two processes writing one path (two runs building a shared latent cache) never
+    write into the same file, and the last rename wins."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -197,18 +199,14 @@ def build_latent_cache(ae, dataset, path: Path, device, num_workers: int, seed: 
     r + world, ... into a part file; rank 0 then interleaves the parts back into the dataset's order
     (the file one process writes) and removes them. The parts go through the folder, as the cache
     itself does: every rank must see it (on several nodes, a shared one). `build` (the same on all
-    ranks) names this build's files apart from another run's building the same cache at once; the
-    last one's rename wins (both hold the same)."""
-    items = SeededItems(dataset, seed)
+    ranks) names this build's parts apart from those of another run building the same cache at
+    once (whose rank 0 removes its own)."""
+    n = len(dataset)
     with torch.random.fork_rng(devices=[]):  # the seeding must not move the run's own draws
-        if world == 1:
-            cache = encode_dataset(ae, items, device, num_workers)
-        else:
-            shard = torch.utils.data.Subset(items, range(rank, len(items), world))
-            cache = encode_dataset(ae, shard, device, num_workers)
+        cache = encode_dataset(ae, torch.utils.data.Subset(SeededItems(dataset, seed), range(rank, n, world)),
+                               device, num_workers)
     if world == 1:
-        save_checkpoint(path.with_name(f"{path.name}.{build}"), cache)
-        os.replace(path.with_name(f"{path.name}.{build}"), path)
+        save_checkpoint(path, cache)
         return
 
     def part(r: int) -> Path:
@@ -220,12 +218,10 @@ def build_latent_cache(ae, dataset, path: Path, device, num_workers: int, seed: 
         parts = [load_checkpoint(part(r), mmap=True) for r in range(world)]
         merged = {}
         for k, first in parts[0].items():
-            n = len(dataset)
             merged[k] = first.new_empty((n,) + first.shape[1:]) if torch.is_tensor(first) else [None] * n
             for r in range(world):
                 merged[k][r::world] = parts[r][k]
-        save_checkpoint(path.with_name(f"{path.name}.{build}"), merged)
-        os.replace(path.with_name(f"{path.name}.{build}"), path)
+        save_checkpoint(path, merged)
         del parts, merged
         for r in range(world):
             part(r).unlink()
