@@ -29,31 +29,35 @@ def train_autoencoder(cfg: dict, dataset, device, tc, log) -> dict:
     """Train the small KL autoencoder of a from-scratch run on the training images and return its
     checkpoint dict (tc: the train section, train.TrainConfig). Its scale factor is set so that the
     diffusion latents have unit variance (SD fixes 0.18215 for its own autoencoder; ours changes
-    with every training run)."""
-    torch.manual_seed(tc.seed)
-    ae = build_autoencoder(cfg["autoencoder"]).to(device)
-    opt = torch.optim.Adam(ae.parameters(), lr=tc.ae_lr)
-    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=tc.ae_steps * tc.ae_batch_size,
-                                             generator=torch.Generator().manual_seed(tc.seed))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=tc.ae_batch_size, sampler=sampler, num_workers=tc.num_workers)
-    t0 = time.time()
-    for step, batch in enumerate(loader):
-        # warm-up, then a 10x lower rate for the last fifth: sharper reconstructions at no extra cost
-        lr = tc.ae_lr * min(1.0, (step + 1) / 50) * (0.1 if step >= 0.8 * tc.ae_steps else 1.0)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        losses = autoencoder_loss(ae, batch["image"].to(device), kl_weight=tc.ae_kl_weight)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        opt.step()
-        if step % 100 == 0 or step == tc.ae_steps - 1:
-            log(f"autoencoder step {step:5d}/{tc.ae_steps} | rec {losses['rec'].item():.4f} | "
-                f"kl {losses['kl'].item():.1f} | {time.time() - t0:.0f}s")
-    ae.eval()
-    with torch.no_grad():
-        mean, _ = ae.encode(batch["image"].to(device))
-        cfg["autoencoder"].scale_factor = 1.0 / mean.float().std().item()
-    return {"autoencoder": ae.state_dict(), "autoencoder_config": dataclasses.asdict(cfg["autoencoder"])}
+    with every training run). Seeded by train.seed, inside an RNG fork of its own: the run's draws
+    after it are those of a run that finds the autoencoder already trained."""
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(tc.seed)
+        ae = build_autoencoder(cfg["autoencoder"]).to(device)
+        opt = torch.optim.Adam(ae.parameters(), lr=tc.ae_lr)
+        sampler = torch.utils.data.RandomSampler(dataset, replacement=True,
+                                                 num_samples=tc.ae_steps * tc.ae_batch_size,
+                                                 generator=torch.Generator().manual_seed(tc.seed))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=tc.ae_batch_size, sampler=sampler,
+                                             num_workers=tc.num_workers)
+        t0 = time.time()
+        for step, batch in enumerate(loader):
+            # warm-up, then a 10x lower rate for the last fifth: sharper reconstructions at no extra cost
+            lr = tc.ae_lr * min(1.0, (step + 1) / 50) * (0.1 if step >= 0.8 * tc.ae_steps else 1.0)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            losses = autoencoder_loss(ae, batch["image"].to(device), kl_weight=tc.ae_kl_weight)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            if step % 100 == 0 or step == tc.ae_steps - 1:
+                log(f"autoencoder step {step:5d}/{tc.ae_steps} | rec {losses['rec'].item():.4f} | "
+                    f"kl {losses['kl'].item():.1f} | {time.time() - t0:.0f}s")
+        ae.eval()
+        with torch.no_grad():
+            mean, _ = ae.encode(batch["image"].to(device))
+            cfg["autoencoder"].scale_factor = 1.0 / mean.float().std().item()
+        return {"autoencoder": ae.state_dict(), "autoencoder_config": dataclasses.asdict(cfg["autoencoder"])}
 
 
 def posterior(ae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,11 +93,15 @@ def load_autoencoder(cfg: dict, path: str, allow_pickle: bool = False, state: di
 
 
 @torch.no_grad()
-def encode_dataset(ae, dataset, device, num_workers: int, batch_size: int = 128) -> dict:
+def encode_dataset(ae, dataset, device, num_workers: int, batch_size: int | None = None) -> dict:
     """Encode every training image once: the posterior mean and std of each, plus everything else
     its item holds (layout, caption, segmentation mask). Training then draws z = mean + std * noise
     per step, as the original does from fresh encodings, without running the encoder again (the
-    original encodes every image at every step). A caption stays the one drawn here."""
+    original encodes every image at every step). A caption stays the one drawn here. batch_size
+    None: 2^22 pixels a batch, at most 128 images (SD's encoder keeps 128-channel maps at full size:
+    at 512 px, 16 images make 2 GB of one such map in float32, 128 would make 17 GB)."""
+    if batch_size is None:
+        batch_size = max(1, min(128, 2 ** 22 // dataset[0]["image"][0].numel()))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     cache = {"mean": [], "std": []}
     for batch in loader:
@@ -117,16 +125,14 @@ LATENT_CACHE_VERSION = 1
 
 
 def latent_cache_path(cfg: dict, ae, dataset, label_order, out_dir: Path) -> Path:
-    """The run's latent cache file: latents.pt in the run folder, or with train.latent_cache_dir
-    latents-<key>.pt there, shared by every run whose cached items would be the same. The key hashes
-    what they depend on: the data section (but data.cache_dir), the dataset's size and records (its
-    files' names and annotations, where it has them), model.max_objects, the label order, the
-    autoencoder's config (but its scale factor, applied after the cache) and its weights. So runs on
-    one dataset and one autoencoder (a foundation's, or train.autoencoder_ckpt) encode it once, and
-    any change that alters the items gets a cache of its own; an image replaced under the same name
-    is not seen (delete the cache then)."""
-    if not cfg["train"].latent_cache_dir:
-        return out_dir / "latents.pt"
+    """The run's latent cache file, latents-<key>.pt in train.latent_cache_dir (shared by every run
+    whose cached items would be the same), or in the run folder. The key hashes what the items depend
+    on: the data section (but data.cache_dir), the dataset's size and records (its files' names and
+    annotations, where it has them), model.max_objects, the label order, the autoencoder's config
+    (but its scale factor, applied after the cache) and its weights. So runs on one dataset and one
+    autoencoder (a foundation's, or train.autoencoder_ckpt) encode it once, and any change that
+    alters the items (a resume with other --data settings, say) gets a cache of its own; an image
+    replaced under the same name is not seen (delete the cache then)."""
     data, ae_cfg = dataclasses.asdict(cfg["data"]), dataclasses.asdict(cfg["autoencoder"])
     del data["cache_dir"], ae_cfg["scale_factor"]
     what = dict(version=LATENT_CACHE_VERSION, data=data, items=len(dataset), records=getattr(dataset, "records", None),
@@ -135,7 +141,7 @@ def latent_cache_path(cfg: dict, ae, dataset, label_order, out_dir: Path) -> Pat
     for name, v in sorted(ae.state_dict().items()):
         key.update(name.encode())
         key.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return Path(cfg["train"].latent_cache_dir) / f"latents-{key.hexdigest()[:16]}.pt"
+    return Path(cfg["train"].latent_cache_dir or out_dir) / f"latents-{key.hexdigest()[:16]}.pt"
 
 
 class SeededItems(torch.utils.data.Dataset):

@@ -14,8 +14,9 @@ caption as the dataset makes it (data.caption; for COCO/VG the original's "capti
 to "" (the unconditional text) with probability train.text_dropout.
 
 The run folder (train.out_dir) gets: config.yaml (the resolved config), autoencoder.pt (when the
-run trains its own autoencoder first), latents.pt (the latent cache), last.pt (full training state),
-samples/step_XXXXXXX.png (sample grids of fixed layouts), and TensorBoard logs in tb/. With
+run trains its own autoencoder first), latents-<key>.pt (the latent cache), last.pt (full training
+state), samples/step_XXXXXXX.png (sample grids of fixed layouts), and TensorBoard logs in tb/. A new
+run into a folder that holds last.pt is refused (--resume continues it). With
 train.latent_cache_dir the latent cache goes there instead, shared by every run on the same data and
 autoencoder (built once per dataset: a second run reads it). The autoencoder stage and the cache's
 contents are latents.py's; hooks (checkpoint, sample grid, logging) are plain functions called from
@@ -31,6 +32,7 @@ import resource
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,7 @@ from latents import (LatentDataset, SeededItems, encode_dataset, latent_cache_pa
                      train_autoencoder)
 from model import LayoutUNet, ModelConfig, to_device_async
 from text import TextConfig, caption_context, encode_captions, load_text_encoder
-from vqvae import AutoencoderConfig
+from vqvae import AutoencoderConfig, build_autoencoder
 from weights import find_text_weights, foundation_to_layout_unet, load_foundation
 
 ROOT = Path(__file__).resolve().parent
@@ -79,7 +81,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     latent_cache: bool = True           # encode once, train on stored posteriors (SD1.5: 49.7 -> 61.1 img/s, H200)
-    latent_cache_dir: str = ""          # "": latents.pt in the run folder; else a folder of caches shared by runs
+    latent_cache_dir: str = ""          # "": the cache in the run folder; else a folder of caches shared by runs
                                         # (one file per data + autoencoder, see latent_cache_path)
     compile: bool = False               # torch.compile the UNet (CUDA only): SD1.5 step 1.36x on an H200 before the layout-block changes (README)
     device: str = "auto"                # auto | cpu | cuda
@@ -96,6 +98,16 @@ class TrainConfig:
     ae_lr: float = 2e-3
     ae_batch_size: int = 32
     ae_kl_weight: float = 1e-6
+
+    def __post_init__(self):
+        for name, allowed in [("precision", ("auto", "fp32", "bf16", "fp16")), ("trainable", ("all", "layout")),
+                              ("device", ("auto", "cpu", "cuda"))]:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"train.{name}={getattr(self, name)!r}, expected one of {allowed}")
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "signal_every", "ckpt_every",
+                     "sample_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)}, expected an integer >= 1")
 
 
 SECTIONS = {"model": ModelConfig, "autoencoder": AutoencoderConfig, "diffusion": DiffusionConfig,
@@ -134,18 +146,20 @@ def check_text_config(cfg: dict):
 def save_checkpoint(path: Path, state: dict):
     """Write to a temporary file, fsync, then rename: a kill never leaves a half-written file, and
     the previous checkpoint stays intact until the new one is complete. The temporary file is this
-    process's own: two processes writing one path (two runs building a shared latent cache) never
-    write into the same file, and the last rename wins."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    call's own (a unique name, made by mkstemp: pids repeat across the containers of a cluster): two
+    processes writing one path (two runs building a shared latent cache) never write into the same
+    file, and the last rename wins."""
+    path, tmp = Path(path), None
     try:
-        with open(tmp, "wb") as f:
+        fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except Exception as e:
-        tmp.unlink(missing_ok=True)  # whatever stopped the write: no half-written .tmp left behind
+        if tmp is not None:  # whatever stopped the write: no half-written .tmp left behind
+            Path(tmp).unlink(missing_ok=True)
         cause = e  # torch.save reports a failed write (a full disk) as a RuntimeError whose context is the OSError
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
@@ -153,6 +167,18 @@ def save_checkpoint(path: Path, state: dict):
             raise
         raise UserError(f"{path}: could not write checkpoint ({cause.strerror or cause}); "
                         f"the previous checkpoint is intact") from None
+
+
+def copy_checkpoint(src: Path, dst: Path):
+    """A copy that a kill never leaves half-written (a temporary file renamed, as save_checkpoint)."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: Path, mmap: bool = False) -> dict:
@@ -164,7 +190,8 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated or foreign files raise many different errors
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        detail = (str(e).splitlines() or ["an empty file?"])[0][:200]  # an empty file's EOFError says nothing
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {detail})") from None
 
 
 def restore_training_state(ckpt: dict, path: Path, unet, ema, opt, scaler):
@@ -186,7 +213,8 @@ def restore_training_state(ckpt: dict, path: Path, unet, ema, opt, scaler):
             if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
                 raise UserError(f"{path}: the optimizer state {key} of {name} has shape {tuple(value.shape)}, "
                                 f"the parameter {tuple(p.shape)}")
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"]:  # empty when the run trained without fp16: a resume in fp16 starts a fresh scale
+        scaler.load_state_dict(ckpt["scaler"])
 
 
 # -----------------------------------------------------------------------------
@@ -360,6 +388,9 @@ def setup_distributed(device: str = "auto"):
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
     global _solo_group
     _solo_group = dist.new_group(timeout=SOLO_TIMEOUT)  # the same backend: no other network needed
+    # connected now, while every rank is here: NCCL connects a group at its first collective, and a
+    # rank that waits there for rank 0's parse longer than the store's 10 minutes would fail
+    dist.barrier(group=_solo_group)
     return rank, local_rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
@@ -402,6 +433,9 @@ def main(argv=None):
         if missing:
             raise UserError(f"{ckpt_path}: not a training checkpoint of this project (no {missing[0]!r} entry)")
         cfg = load_config(base=ckpt["config"], overrides=args.overrides)
+    elif (Path(cfg["train"].out_dir) / "last.pt").exists():  # a new run would overwrite that one's results
+        raise UserError(f"{Path(cfg['train'].out_dir) / 'last.pt'}: a run is already there; pass --resume to continue "
+                        f"it, or another --train.out_dir")
     tc, dc = cfg["train"], cfg["diffusion"]
     check_text_config(cfg)  # before anything is written
     rank, local_rank, world, device = setup_distributed(tc.device)
@@ -412,8 +446,6 @@ def main(argv=None):
         if master:
             out_dir.mkdir(parents=True, exist_ok=True)
             log(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=True).strip())
-        if tc.signal_every < 1:
-            raise UserError(f"train.signal_every={tc.signal_every}, expected a step count >= 1")
         micro = tc.batch_size // (world * tc.grad_accum)
         if micro * world * tc.grad_accum != tc.batch_size:
             raise UserError(f"train.batch_size={tc.batch_size} is not divisible by world size {world} x grad_accum {tc.grad_accum}")
@@ -444,6 +476,9 @@ def main(argv=None):
             ae = load_autoencoder(cfg, tc.autoencoder_ckpt, tc.allow_pickle)
         elif foundation.get("autoencoder"):  # the foundation's own (SD / LDM), as the original's vqvae.ckpt
             ae = load_autoencoder(cfg, tc.init_from, state=foundation["autoencoder"])
+        elif ckpt is not None and ckpt.get("autoencoder"):  # resumed: the one the run trained on, from its checkpoint
+            ae = build_autoencoder(cfg["autoencoder"])
+            ae.load_state_dict(ckpt["autoencoder"])
         else:  # a from-scratch run trains its own, once, and keeps it in the run folder
             ae_path = out_dir / "autoencoder.pt"
             with rank0_first(rank, world):  # the other ranks load it (from a folder they must all see)
@@ -500,8 +535,6 @@ def main(argv=None):
         del foundation  # a full SD checkpoint is gigabytes
         if tc.trainable == "layout":
             freeze_foundation(unet)
-        elif tc.trainable != "all":
-            raise UserError(f"train.trainable={tc.trainable!r}, expected 'all' or 'layout'")
         ema = copy.deepcopy(unet).requires_grad_(False).eval()  # eval: no dropout in the sample grids
         params = [p for p in unet.parameters() if p.requires_grad]
         # fused: one kernel (CUDA) or one parallel loop (CPU) for all tensors; ~5 % of a shapes step on 2 cores
@@ -518,6 +551,7 @@ def main(argv=None):
                 if device.type == "cuda" and "cuda" in rngs[rank]:
                     torch.cuda.set_rng_state(rngs[rank]["cuda"], device)
             log(f"resumed from {out_dir / 'last.pt'} at step {step}")
+            ckpt = None  # its model, EMA and optimizer state: gigabytes per rank at SD size
         if master:  # written only now: with the autoencoder's scale factor, and not over a refused resume
             (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         log(f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
@@ -569,7 +603,8 @@ def main(argv=None):
                     raise UserError(f"{in_a_row} non-finite steps in a row at step {at}; stopping. "
                                     f"The last good checkpoint is {out_dir / 'last.pt'}")
 
-        def save(path):
+        def save(path, keep_copy: bool = False):
+            """Checkpoint to path (every rank calls it), and with keep_copy a step_XXXXXXX.pt copy beside it."""
             check_nonfinite()  # never a checkpoint past the non-finite stop
             # every rank's random state (model dropout; augmentation drawn in the main process), CUDA's
             # too (dropout draws there on a GPU): a resume on the same world size continues each rank's
@@ -586,8 +621,9 @@ def main(argv=None):
                     "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
                     "world_size": world, "rng": rngs, "config": config_to_dict(cfg),
                     "class_names": class_names, "autoencoder": ae.state_dict()})
-            if world > 1:
-                dist.barrier()
+                if keep_copy:
+                    copy_checkpoint(path, path.with_name(f"step_{step:07d}.pt"))
+            solo_barrier(world)  # rank 0 writes alone: gigabytes at SD size, maybe to a slow shared disk
 
         def samples():
             if master:
@@ -597,8 +633,7 @@ def main(argv=None):
                 (out_dir / "samples").mkdir(exist_ok=True)
                 tensor_to_pil(grid.float() / 127.5 - 1).save(out_dir / "samples" / f"step_{step:07d}.png")
                 writer.add_image("samples", grid, step)
-            if world > 1:
-                dist.barrier()
+            solo_barrier(world)
 
         # --- the loop ---
         sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
@@ -703,10 +738,13 @@ def main(argv=None):
                 # a non-finite loss or gradient skips the update, decided on the device: the fused AdamW
                 # leaves the weights (and its step count) as they are where found_inf is 1, the EMA then
                 # steps towards those unchanged weights, and the logged loss leaves the step out. The
-                # gradients are all-reduced, so every rank sees the same norm and skips the same steps;
-                # fp16's GradScaler skips steps with infs by itself (they count as taken here)
-                keep = torch.isfinite(grad_norm) | (amp_dtype == torch.float16)
-                if amp_dtype != torch.float16:
+                # gradients are all-reduced, so every rank sees the same norm and skips the same steps.
+                # fp16: its GradScaler skips a step whose scaled gradients overflow by itself (routine
+                # while it finds its scale: such steps count as taken), and a non-finite loss counts
+                if amp_dtype == torch.float16:
+                    keep = torch.isfinite(step_stats[0, 0])
+                else:
+                    keep = torch.isfinite(grad_norm)
                     opt.found_inf = (~keep).float()
                 scaler.step(opt)
                 scaler.update()
@@ -722,8 +760,9 @@ def main(argv=None):
                 n_log += tc.batch_size
                 if step % tc.log_every == 0 or step == tc.max_steps:
                     check_nonfinite()
-                    if world > 1:
-                        dist.all_reduce(running)  # the loss averaged over ranks
+                    if world > 1:  # the loss averaged over ranks (the skip count is the same on all)
+                        dist.all_reduce(running[:2])
+                        dist.all_reduce(quartiles)
                     loss = (running[0] / running[1]).item()  # nan when every step since the last line was skipped
                     dt = time.time() - t_log
                     eta = (tc.max_steps - step) * dt / max(1, tc.log_every)
@@ -743,9 +782,7 @@ def main(argv=None):
                     running.zero_(), quartiles.zero_()
                     t_log, n_log = time.time(), 0
                 if step % tc.ckpt_every == 0:
-                    save(out_dir / "last.pt")
-                    if tc.keep_every and step % tc.keep_every == 0 and master:
-                        shutil.copyfile(out_dir / "last.pt", out_dir / f"step_{step:07d}.pt")
+                    save(out_dir / "last.pt", keep_copy=tc.keep_every > 0 and step % tc.keep_every == 0)
                 if step % tc.sample_every == 0:
                     samples()
         save(out_dir / "last.pt")

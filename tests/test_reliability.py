@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,8 +43,10 @@ def run_copy(tiny_run, tmp_path) -> Path:
     """A copy of the session's tiny run folder (6 steps), to resume or damage without touching it."""
     out = tmp_path / "run"
     out.mkdir()
-    for name in ("last.pt", "autoencoder.pt", "latents.pt", "config.yaml"):
+    for name in ("last.pt", "autoencoder.pt", "config.yaml"):
         shutil.copy(tiny_run / name, out / name)
+    for cache in tiny_run.glob("latents-*.pt"):
+        shutil.copy(cache, out / cache.name)
     return out
 
 
@@ -174,6 +177,39 @@ def test_resume_with_another_architecture_is_a_user_error(run_copy, capsys, one_
     assert path.read_bytes() == before  # a refused resume leaves the checkpoint alone
 
 
+def test_a_new_run_in_a_run_folder_is_refused(run_copy, capsys):
+    """Without --resume, a run folder that holds a checkpoint is another run's: refused before anything
+    is written (its checkpoint, config, latent cache and samples would be overwritten)."""
+    before = {p.name: p.read_bytes() for p in run_copy.iterdir()}
+    err = exits_2(train_cli, ["--preset", "tiny", f"--train.out_dir={run_copy}"], capsys)
+    assert err == (f"error: {run_copy / 'last.pt'}: a run is already there; pass --resume to continue it, "
+                   f"or another --train.out_dir\n")
+    assert {p.name: p.read_bytes() for p in run_copy.iterdir()} == before
+
+
+def test_fp16_resume_of_an_fp32_run_stops_at_nonfinite_losses(run_copy, capsys, one_thread, monkeypatch):
+    """A run resumed in fp16 starts a fresh loss scale (the fp32 run saved none), and a non-finite loss
+    counts towards train.max_nonfinite under fp16 too (its GradScaler's own skips do not: they are
+    routine), so the run stops there and keeps its last good checkpoint."""
+    path = run_copy / "last.pt"
+    before = path.read_bytes()
+    monkeypatch.setenv("LD_TEST_NAN_AT_STEP", "6")  # NaN losses from the first resumed step on
+    err = exits_2(train_cli, ["--resume", f"--train.out_dir={run_copy}", "--train.precision=fp16",
+                              "--train.max_steps=12", "--train.max_nonfinite=2"], capsys)
+    assert err == f"error: 2 non-finite steps in a row at step 8; stopping. The last good checkpoint is {path}\n"
+    assert path.read_bytes() == before
+
+
+def test_resume_uses_the_autoencoder_of_its_checkpoint(run_copy, capsys, one_thread):
+    """A from-scratch run resumed without its autoencoder.pt: the checkpoint's autoencoder (the one the
+    UNet trained on) is used, not a new one trained: the latent cache, keyed by its weights, is read."""
+    (run_copy / "autoencoder.pt").unlink()
+    train_cli(["--resume", f"--train.out_dir={run_copy}", "--train.max_steps=7"])
+    out = capsys.readouterr().out
+    assert "no autoencoder yet" not in out and "latent cache: reading " in out, out
+    assert load(run_copy / "last.pt")["step"] == 7
+
+
 @pytest.mark.parametrize("damage", ["ema key", "optimizer shape", "not a checkpoint"])
 def test_resume_with_a_damaged_checkpoint_is_a_user_error(run_copy, capsys, one_thread, damage):
     path = run_copy / "last.pt"
@@ -229,7 +265,7 @@ def test_resume_from_a_truncated_or_missing_checkpoint(run_copy, capsys, damage)
 # a full disk, or an unwritable run folder, at checkpoint time
 
 class FullDisk(io.FileIO):
-    """A file on a disk with `room` bytes left: a write past that writes what fits, then fails with
+    """A file (a path or an open descriptor) on a disk with `room` bytes left: a write past that writes what fits, then fails with
     ENOSPC, as a write(2) on a full disk does."""
 
     def __init__(self, path, mode, room: int):
@@ -259,13 +295,13 @@ def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkey
     before = path.read_bytes()
     code = errno.EACCES if where == "open" else errno.ENOSPC
     if where == "write":  # the real torch.save, into a file on a disk that fills after 1000 bytes
-        monkeypatch.setattr(train, "open", lambda p, mode: FullDisk(p, mode, room=1000), raising=False)
+        monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(fd, mode, room=1000))
     elif where == "fsync":  # the data reached the page cache; the disk ran out when flushing it
         monkeypatch.setattr(os, "fsync", fail(code))
     elif where == "rename":
         monkeypatch.setattr(os, "replace", fail(code))
     else:  # an unwritable run folder (a chmod would not stop root, who runs these tests)
-        monkeypatch.setattr(train, "open", fail(code), raising=False)
+        monkeypatch.setattr(tempfile, "mkstemp", fail(code))
     with pytest.raises(UserError) as e:
         save_checkpoint(path, {"step": 2, "weights": torch.zeros(100_000)})
     monkeypatch.undo()
@@ -309,7 +345,8 @@ def known_presets() -> str:
     return ", ".join(sorted(p.stem for p in (ROOT / "presets").glob("*.yaml")))
 
 
-@pytest.mark.parametrize("case", ["malformed yaml", "unknown key", "wrong type", "no such preset"])
+@pytest.mark.parametrize("case", ["malformed yaml", "unknown key", "wrong type", "no such preset", "not a choice",
+                                  "zero micro-steps"])
 def test_train_config_errors_exit_2_before_writing(tmp_path, capsys, case):
     out = tmp_path / "run"
     config = tmp_path / "config.yaml"
@@ -325,6 +362,12 @@ def test_train_config_errors_exit_2_before_writing(tmp_path, capsys, case):
     elif case == "wrong type":
         argv += ["--preset", "tiny", "--train.max_steps=many"]
         expected = "command line: train.max_steps: expected int, got 'many'"
+    elif case == "not a choice":
+        argv += ["--preset", "tiny", "--train.precision=fp8"]
+        expected = "config: train.precision='fp8', expected one of ('auto', 'fp32', 'bf16', 'fp16')"
+    elif case == "zero micro-steps":
+        argv += ["--preset", "tiny", "--train.grad_accum=0"]
+        expected = "config: train.grad_accum=0, expected an integer >= 1"
     else:
         argv += ["--preset", "nope"]
         expected = f"preset 'nope': no file {ROOT / 'presets' / 'nope.yaml'} (known presets: {known_presets()})"

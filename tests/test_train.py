@@ -398,7 +398,8 @@ def test_ddp_two_ranks(background, tmp_path):
     assert "world 2 | micro-batch 4" in stdout
     assert len(list((out / "tb").iterdir())) == 1
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
-    assert sorted(p.name for p in out.iterdir()) == ["autoencoder.pt", "config.yaml", "last.pt", "latents.pt",
+    cache = next(out.glob("latents-*.pt"))
+    assert sorted(p.name for p in out.iterdir()) == ["autoencoder.pt", "config.yaml", "last.pt", cache.name,
                                                       "samples", "step_0000003.pt", "step_0000006.pt", "tb"]
     ck = load(out / "last.pt")
     assert ck["step"] == 6 and ck["world_size"] == 2 and len(ck["rng"]) == 2
@@ -408,7 +409,7 @@ def test_ddp_two_ranks(background, tmp_path):
     dataset = build_dataset(cfg["data"], "train", cfg["model"].max_objects, None)
     ae = load_autoencoder(cfg, str(out / "autoencoder.pt")).eval()
     build_latent_cache(ae, dataset, tmp_path / "one.pt", "cpu", 0, cfg["data"].seed, rank=0, world=1, build="x")
-    one_process, two_ranks = load(tmp_path / "one.pt"), load(out / "latents.pt")
+    one_process, two_ranks = load(tmp_path / "one.pt"), load(cache)
     assert two_ranks.keys() == one_process.keys()
     for k, v in one_process.items():
         assert torch.equal(two_ranks[k], v) if torch.is_tensor(v) else two_ranks[k] == v, k
@@ -416,7 +417,7 @@ def test_ddp_two_ranks(background, tmp_path):
     # own random state (dropout differs per rank), not rank 0's everywhere
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    for name in ("autoencoder.pt", "latents.pt", "config.yaml"):
+    for name in ("autoencoder.pt", cache.name, "config.yaml"):
         shutil.copyfile(out / name, resumed / name)
     shutil.copyfile(out / "step_0000003.pt", resumed / "last.pt")
     log = tmp_path / "resume_log.txt"
@@ -465,7 +466,7 @@ def test_latent_cache_dir_is_shared_by_runs_on_the_same_data_and_autoencoder(tin
     assert second.returncode == 0, second.stderr[-2000:]
     assert f"latent cache: reading {path}\n" in second.stdout and "encoded" not in second.stdout
     assert list(caches.iterdir()) == [path] and path.stat().st_mtime_ns == built
-    assert not (tmp_path / "b" / "latents.pt").exists()
+    assert not list((tmp_path / "b").glob("latents*"))
 
 
 class Records(list):
@@ -485,6 +486,8 @@ def test_latent_cache_path_changes_with_what_the_items_depend_on(tmp_path):
         return latent_cache_path(c, ae, dataset, label_order, out)
     path = key()
     assert path.parent == tmp_path and path.name.startswith("latents-")
+    # no latent_cache_dir: the same file name, in the run folder
+    assert key(load_config(preset="tiny")) == tmp_path / "run" / path.name
     assert key(out=tmp_path / "other_run") == path  # not per run
     for override in ("--data.cache_dir=elsewhere", "--autoencoder.scale_factor=0.5", "--train.lr=1"):
         assert key(load_config(base=config_to_dict(cfg), overrides=[override])) == path
@@ -497,7 +500,6 @@ def test_latent_cache_path_changes_with_what_the_items_depend_on(tmp_path):
     with torch.no_grad():
         next(ae.parameters()).view(-1)[0] += 1e-3                               # other autoencoder weights
     assert key() != path
-    assert key(load_config(preset="tiny")) == tmp_path / "run" / "latents.pt"  # no latent_cache_dir
 
 
 class RandomCaptions(torch.utils.data.Dataset):
