@@ -391,7 +391,12 @@ def _check_bbox(bbox, where: str) -> tuple[float, float, float, float]:
     for k, v in enumerate(bbox):
         # bool is an int subclass in Python, but `true` is surely a mistake in a box; json.loads
         # accepts NaN and Infinity, which would silently poison the model's box embedding
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        try:
+            ok = ok and math.isfinite(v)
+        except OverflowError:  # an integer too large for a float
+            ok = False
+        if not ok:
             raise LayoutError(f"{where}: expected a finite number at position {k} of [x, y, w, h], got {_short(v)}")
     x, y, w, h = (float(v) for v in bbox)
     if w <= 0 or h <= 0:
@@ -402,7 +407,11 @@ def _check_bbox(bbox, where: str) -> tuple[float, float, float, float]:
             raise LayoutError(f"{where}: expected {name} in [0, 1] (fractions of the image size), got {v}")
     # clip the slack away so nothing downstream sees a box outside the image
     x, y = min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)
-    return x, y, min(w, 1.0 - x), min(h, 1.0 - y)
+    w, h = min(w, 1.0 - x), min(h, 1.0 - y)
+    if w <= 0 or h <= 0:  # e.g. x = 1 with a tiny width, inside the slack: nothing of it in the image
+        raise LayoutError(f"{where}: expected a box with an area inside the image, got x={x}, y={y} with nothing "
+                          f"left of it after clipping to [0, 1]")
+    return x, y, w, h
 
 
 def _check_count(n: int, where: str, max_objects: int) -> None:

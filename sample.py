@@ -43,6 +43,7 @@ train.class_names, and its class count from the file.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -90,6 +91,8 @@ def parse_args(argv=None):
                    help="autocast of the UNet and the decoder (auto: bf16 on CUDA, fp32 on the CPU, as train.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet with CUDA graphs (mode "
                    "reduce-overhead): a GPU's small-batch sampling is host-bound; the first batch compiles (~1 min)")
+    p.add_argument("--overwrite", action="store_true", help="--layout / --seg-mask: replace the images of an "
+                   "earlier run in --out (default: refuse)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--allow-pickle", action="store_true", help="unpickle Python objects (released Lightning files; "
                    "only files you trust)")
@@ -128,8 +131,10 @@ def load_model(ckpt_path: str, device, use_ema: bool = True, preset: str | None 
             raise UserError(f"{ckpt_path}: holds a text encoder (text_fn.*), but preset {preset} has text.kind=none")
         text_sd, where = (parts["text"], ckpt_path) if parts["text"] else (None, None)
     else:
-        if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-            raise UserError(f"{ckpt_path}: not a training checkpoint of this project (no 'config'/'model' entries)")
+        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and "model" in ckpt
+                and isinstance(ckpt.get("class_names"), list)):
+            raise UserError(f"{ckpt_path}: not a training checkpoint of this project (no 'config'/'model'/"
+                            f"'class_names' entries)")
         cfg = load_config(base=ckpt["config"])
         unet = LayoutUNet(cfg["model"])
         try:
@@ -138,7 +143,7 @@ def load_model(ckpt_path: str, device, use_ema: bool = True, preset: str | None 
             ae.load_state_dict(ckpt["autoencoder"])
         except (KeyError, ValueError, RuntimeError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # str() of a KeyError adds quotes
-            raise UserError(f"{ckpt_path}: weights do not fit the config saved with them: {msg.splitlines()[0]}") from None
+            raise UserError(f"{ckpt_path}: weights do not fit the config saved with them: {(msg.splitlines() or [''])[0]}") from None
         class_names, text_sd, where = ckpt["class_names"], None, None
     check_text_config(cfg)
     text = None
@@ -257,6 +262,12 @@ def sample_layouts(args, drawer: Drawer, class_names: list[str], rank: int, worl
         raise UserError("give --layout (box layouts), --seg-mask (segmentation models) or --data (a dataset split)")
     prompts = [layout_prompt(layout, class_names, cfg["text"].append_labels) for layout in layouts]
     out = Path(args.out)
+    earlier = sorted(out.glob("[0-9][0-9][0-9][0-9]*.png"))
+    if earlier and not args.overwrite:  # replacing some and keeping others would mix two runs' images
+        raise UserError(f"{out}: holds images of an earlier run ({earlier[0].name}, ...); give another --out, "
+                        f"or --overwrite to replace them")
+    if world > 1:  # every process has looked before any writes
+        dist.barrier()
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(i, k) for i in range(len(layouts)) for k in range(args.n)]  # one job = one image
     mine = jobs[rank::world]  # under torchrun each process draws every world-th image
@@ -300,7 +311,12 @@ def sample_benchmark(args, drawer: Drawer, class_names: list[str], rank: int, wo
     settings = benchmark_settings(args, drawer, data_cfg, len(dataset))
     manifest = out / "benchmark.json"
     if manifest.is_file():  # resuming: the same settings, or the folder would mix two benchmarks
-        old = json.loads(manifest.read_text())
+        try:
+            old = json.loads(manifest.read_text())
+        except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise UserError(f"{manifest}: not a readable benchmark manifest ({e}); use another --out") from None
+        if not isinstance(old, dict):
+            raise UserError(f"{manifest}: not a benchmark manifest (expected a JSON object); use another --out")
         for key, value in settings.items():
             if old.get(key) != value:
                 raise UserError(f"{manifest}: this folder was sampled with {key}={old.get(key)!r}, this run has "
@@ -366,11 +382,20 @@ def main(argv=None):
         raise UserError(f"--n and --batch-size must be at least 1, got {args.n} and {args.batch_size}")
     if args.data and (args.layout or args.seg_mask):
         raise UserError("--data samples a dataset split: give it without --layout / --seg-mask")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise UserError(f"--guidance must be a finite number, got {args.guidance}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out}: not a folder")
     rank, _, world, device = setup_distributed(args.device)
     try:
         unet, ae, diffusion, cfg, class_names, text = load_model(args.ckpt, device, not args.no_ema, args.preset,
                                                                  args.allow_pickle, args.text_weights)
         dc = cfg["diffusion"]
+        steps = dc.steps if args.steps is None else args.steps
+        if not 1 <= steps <= dc.n_timestep:
+            raise UserError(f"--steps must be in [1, {dc.n_timestep}] (the model's diffusion.n_timestep), got {steps}")
         bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
         amp_dtype = torch.bfloat16 if bf16 else None
         if amp_dtype is not None:  # autocast rounds every weight to bf16 at each use anyway; stored so, a
@@ -386,7 +411,7 @@ def main(argv=None):
         if text is not None:  # the unconditional text of guidance, encoded once
             negative = cfg["text"].negative_prompt if args.negative_prompt is None else args.negative_prompt
             negative_text = encode_captions(*text, [negative], device)
-        drawer = Drawer(unet, ae, diffusion, cfg, text, negative_text, steps=args.steps or dc.steps,
+        drawer = Drawer(unet, ae, diffusion, cfg, text, negative_text, steps=steps,
                         guidance=dc.guidance_scale if args.guidance is None else args.guidance,
                         sampler=args.sampler or dc.sampler, seed=args.seed,
                         n=args.repeats if args.data else args.n, batch_size=args.batch_size, device=device,

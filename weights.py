@@ -76,7 +76,8 @@ def read_file(path, allow_pickle: bool = False):
                         f"the safe loader refuses; if you trust the file, load it with allow_pickle=True "
                         f"(--allow-pickle)") from None
     except Exception as e:  # truncated or foreign files raise many different errors
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        detail = (str(e).splitlines() or ["an empty file?"])[0][:200]  # an empty file's EOFError says nothing
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {detail})") from None
 
 
 def read_state_dict(path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -20,7 +20,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-import train
 from conftest import ROOT
 from model import LayoutUNet
 from sample import cli as sample_cli
@@ -401,11 +400,76 @@ OK = '{"label": "red circle", "bbox": [0.1, 0.1, 0.2, 0.2]}'
      "FILE: layout 0, object 0, field 'bbox': expected width and height > 0, got w=-0.1, h=0.2"),
     ('{"objects": [' + ", ".join([OK] * 9) + "]}",
      "FILE: layout 0, field 'objects': 9 objects, expected at most max_objects=8"),
+    ('{"objects": [{"label": "red circle", "bbox": [1' + "0" * 400 + ', 0.1, 0.2, 0.2]}]}',  # too large for a float
+     "FILE: layout 0, object 0, field 'bbox': expected a finite number at position 0 of [x, y, w, h], got 1"
+     + "0" * 56 + "..."),
+    ('{"objects": [{"label": "red circle", "bbox": [1.0, 0.1, 1e-7, 0.2]}]}',  # inside the slack, then clipped away
+     "FILE: layout 0, object 0, field 'bbox': expected a box with an area inside the image, got x=1.0, y=0.1 "
+     "with nothing left of it after clipping to [0, 1]"),
 ])
 def test_sample_bad_layout_matrix(tiny_run, tmp_path, capsys, one_thread, text, message):
     # not JSON, a bbox of the wrong length, zero size, outside [0, 1] and an unknown label are in
     # tests/test_sample.py
     assert sample_layout_error(tiny_run, tmp_path, capsys, text) == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("case", ["steps 0", "steps past the schedule", "negative seed", "nan guidance",
+                                  "out is a file", "not our checkpoint", "empty checkpoint"])
+def test_sample_option_errors_exit_2(tiny_run, tmp_path, capsys, one_thread, case):
+    layout = tmp_path / "layout.json"
+    layout.write_text('{"objects": [' + OK + "]}")
+    out, ckpt = tmp_path / "out", tiny_run / "last.pt"
+    options, expected = [], None
+    if case == "steps 0":
+        options, expected = ["--steps", "0"], "--steps must be in [1, 1000] (the model's diffusion.n_timestep), got 0"
+    elif case == "steps past the schedule":
+        options, expected = ["--steps", "5000"], "--steps must be in [1, 1000] (the model's diffusion.n_timestep), got 5000"
+    elif case == "negative seed":
+        options, expected = ["--seed", "-1"], "--seed must be in [0, 2^32), got -1"
+    elif case == "nan guidance":
+        options, expected = ["--guidance", "nan"], "--guidance must be a finite number, got nan"
+    elif case == "out is a file":
+        out.write_text("notes")
+        expected = f"--out {out}: not a folder"
+    elif case == "not our checkpoint":
+        ckpt = tmp_path / "foreign.pt"
+        torch.save({"config": "x", "model": {}}, ckpt)
+        expected = f"{ckpt}: not a training checkpoint of this project (no 'config'/'model'/'class_names' entries)"
+    else:
+        ckpt = tmp_path / "empty.pt"
+        ckpt.write_bytes(b"")
+        expected = f"{ckpt}: not a readable checkpoint (EOFError: an empty file?)"
+    err = exits_2(sample_cli, ["--layout", str(layout), "--ckpt", str(ckpt), "--out", str(out)] + options, capsys)
+    assert err == f"error: {expected}\n"
+    assert out.is_file() if case == "out is a file" else not out.exists()
+
+
+def test_sample_benchmark_with_a_damaged_manifest_exits_2(tiny_run, tmp_path, capsys, one_thread):
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "benchmark.json").write_text('{"checkpoint": "run/la')  # a write cut short
+    err = exits_2(sample_cli, ["--data", "shapes", "--ckpt", str(tiny_run / "last.pt"), "--out", str(out)], capsys)
+    assert err.startswith(f"error: {out / 'benchmark.json'}: not a readable benchmark manifest (") and \
+        err.endswith("); use another --out\n"), err
+    assert sorted(p.name for p in out.iterdir()) == ["benchmark.json"]
+
+
+def test_sample_keeps_an_earlier_runs_images_unless_overwrite(tiny_run, tmp_path, capsys, one_thread):
+    """A second run into a folder with images refuses (replacing some and keeping others would mix
+    the two runs: --n 2 writes 0000_0.png, --n 1 0000.png); --overwrite replaces them."""
+    layout = tmp_path / "layout.json"
+    layout.write_text('{"objects": [' + OK + "]}")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "0000_1.png").write_bytes(b"an earlier image")
+    argv = ["--layout", str(layout), "--ckpt", str(tiny_run / "last.pt"), "--out", str(out), "--steps", "2"]
+    err = exits_2(sample_cli, argv, capsys)
+    assert err == (f"error: {out}: holds images of an earlier run (0000_1.png, ...); give another --out, "
+                   f"or --overwrite to replace them\n")
+    assert sorted(p.name for p in out.iterdir()) == ["0000_1.png"]
+    assert (out / "0000_1.png").read_bytes() == b"an earlier image"
+    sample_cli(argv + ["--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0000_1.png", "0000_boxes.png"]
 
 
 def test_sample_empty_object_list_is_allowed(tiny_run, tmp_path, capsys, one_thread):
