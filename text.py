@@ -27,6 +27,7 @@ import gzip
 import html
 import re
 import unicodedata
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -326,6 +327,7 @@ class CLIPTokenizer:
         self.encoder = {tok: i for i, tok in enumerate(vocab)}
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.sot, self.eot = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
+        self.max_id = len(vocab) - 1
         self.max_len, self.pad_id, self.unescape_html = max_len, (self.eot if pad_id is None else pad_id), unescape_html
         self.cache = {"<|startoftext|>": ["<|startoftext|>"], "<|endoftext|>": ["<|endoftext|>"]}
 
@@ -395,7 +397,7 @@ class WordPieceTokenizer:
     def __init__(self, vocab_path: str, max_len: int = 77):
         with open(vocab_path, encoding="utf-8") as f:
             self.vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
-        self.max_len = max_len
+        self.max_len, self.max_id = max_len, max(self.vocab.values(), default=-1)
         self.cls, self.sep, self.pad, self.unk = (self.vocab[t] for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]"))
         self.specials = re.compile("(" + "|".join(re.escape(t) for t in BERT_SPECIALS if t in self.vocab) + ")")
 
@@ -456,31 +458,56 @@ class WordPieceTokenizer:
 ENCODERS = {"clip": CLIPTextEncoder, "openclip": OpenCLIPTextEncoder, "bert": BERTTextEncoder}
 
 
+VOCAB_FILES = {"clip": "bpe_simple_vocab_16e6.txt.gz (OpenAI CLIP / open_clip)",
+               "openclip": "bpe_simple_vocab_16e6.txt.gz (OpenAI CLIP / open_clip)",
+               "bert": "vocab.txt of bert-base-uncased"}
+BPE_FORMAT = "a gzipped CLIP BPE merges file (a header line, then one pair of symbols per line)"
+VOCAB_FORMATS = {"clip": BPE_FORMAT, "openclip": BPE_FORMAT,
+                 "bert": "a BERT WordPiece vocabulary (one token per line, with [CLS], [SEP], [PAD], [UNK])"}
+
+
+def build_tokenizer(cfg: TextConfig):
+    """-> the tokenizer of cfg.kind reading cfg.vocab_path, None when that is empty. A file of another format,
+    or one whose ids the encoder's embedding (text.vocab_size rows) has no room for, is a UserError naming it:
+    otherwise a KeyError or gzip error here, or an IndexError mid-sampling for the captions that use the high ids."""
+    if not cfg.vocab_path:
+        return None
+    where = f"text.vocab_path={cfg.vocab_path}"
+    try:
+        if cfg.kind == "bert":
+            tokenizer = WordPieceTokenizer(cfg.vocab_path, cfg.max_len)
+        elif cfg.kind == "clip":
+            tokenizer = CLIPTokenizer(cfg.vocab_path, cfg.max_len)  # pads with <end>, no HTML unescaping
+        else:
+            tokenizer = CLIPTokenizer(cfg.vocab_path, cfg.max_len, pad_id=0, unescape_html=True)  # open_clip.tokenize
+    # gzip where text belongs or text where gzip belongs, a truncated download, a vocab.txt without [CLS]...
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error, KeyError) as e:
+        detail = f"no {e.args[0]} token" if isinstance(e, KeyError) else str(e)
+        raise UserError(f"{where}: not {VOCAB_FORMATS[cfg.kind]}: {detail}") from None
+    except OSError as e:  # exists but cannot be read (permissions, a folder)
+        raise UserError(f"{where}: cannot be read ({e.strerror or e}; expected the {VOCAB_FILES[cfg.kind]})") from None
+    if isinstance(tokenizer, CLIPTokenizer):  # a gzipped file of something else reads, but has no merge pairs
+        bad = next((m for m in tokenizer.ranks if m and len(m) != 2), None)
+        if bad or not tokenizer.ranks:
+            raise UserError(f"{where}: not {BPE_FORMAT}: " + (f"a line reads {' '.join(bad)!r}" if bad else "no merges"))
+    if tokenizer.max_id >= cfg.vocab_size:
+        raise UserError(f"{where}: ids up to {tokenizer.max_id}, but the text encoder's embedding has "
+                        f"text.vocab_size={cfg.vocab_size} rows (expected a vocabulary of at most {cfg.vocab_size} tokens)")
+    return tokenizer
+
+
 def build_text_encoder(cfg: TextConfig) -> tuple:
     """-> (tokenizer or None when cfg.vocab_path is empty, frozen encoder in eval mode)."""
     if cfg.kind not in ENCODERS:
         raise ValueError(f"text.kind={cfg.kind!r} has no encoder (expected one of {list(ENCODERS)})")
-    encoder = ENCODERS[cfg.kind](cfg).eval().requires_grad_(False)
-    if not cfg.vocab_path:
-        tokenizer = None
-    elif cfg.kind == "bert":
-        tokenizer = WordPieceTokenizer(cfg.vocab_path, cfg.max_len)
-    elif cfg.kind == "clip":
-        tokenizer = CLIPTokenizer(cfg.vocab_path, cfg.max_len)  # pads with <end>, no HTML unescaping
-    else:
-        tokenizer = CLIPTokenizer(cfg.vocab_path, cfg.max_len, pad_id=0, unescape_html=True)  # open_clip.tokenize
-    return tokenizer, encoder
-
-
-VOCAB_FILES = {"clip": "bpe_simple_vocab_16e6.txt.gz (OpenAI CLIP / open_clip)",
-               "openclip": "bpe_simple_vocab_16e6.txt.gz (OpenAI CLIP / open_clip)",
-               "bert": "vocab.txt of bert-base-uncased"}
+    tokenizer = build_tokenizer(cfg)  # first: a bad vocabulary is named before the (large) encoder is built
+    return tokenizer, ENCODERS[cfg.kind](cfg).eval().requires_grad_(False)
 
 
 def load_text_encoder(cfg: TextConfig, state: dict, where: str) -> tuple:
     """-> (tokenizer, frozen encoder holding `state`, the weights under the original's names).
-    A missing vocabulary file, or weights that do not fit text.kind and its sizes, are UserErrors
-    that name the file (`where` names the weights' file)."""
+    A missing or unfit vocabulary file (build_tokenizer), or weights that do not fit text.kind and its sizes,
+    are UserErrors that name the file (`where` names the weights' file)."""
     if not cfg.vocab_path:
         raise UserError(f"text.kind={cfg.kind} needs its tokenizer's vocabulary: set text.vocab_path "
                         f"to the {VOCAB_FILES[cfg.kind]}")

@@ -206,7 +206,7 @@ def bpe_path():
 
 def test_clip_tokenizer_matches_open_clip(bpe_path):
     from open_clip.tokenizer import SimpleTokenizer
-    tokenizer, _ = build_text_encoder(TextConfig(kind="openclip", **TINY, vocab_path=bpe_path))
+    tokenizer, _ = build_text_encoder(TextConfig(kind="openclip", **{**TINY, "vocab_size": 49408}, vocab_path=bpe_path))
     captions = caption_set()
     assert len(captions) >= 200
     expected = SimpleTokenizer(bpe_path)(captions)
@@ -425,3 +425,66 @@ def test_missing_vocab_or_weights_are_user_errors(tmp_path):
     cfg, _ = tiny_bert(tmp_path)  # weights of another size: the first tensor that does not fit is named
     with pytest.raises(UserError, match=r"bert\.ckpt: the text-encoder weights do not fit text\.kind=bert.*size mismatch"):
         load_text_encoder(dataclasses.replace(cfg, width=64, dim_head=32), torch.load(tmp_path / "bert.ckpt"), "bert.ckpt")
+
+
+def clip_merges(path: Path, merges=("t h", "th e</w>", "a n")) -> str:
+    """A tiny gzipped merges file in bpe_simple_vocab_16e6's layout: a header line, then one pair per line."""
+    import gzip
+    path.write_bytes(gzip.compress(("#version: 0.2\n" + "\n".join(merges)).encode()))
+    return str(path)
+
+
+def bad_bert_without_cls(tmp_path):
+    lines = Path(bert_vocab(tmp_path / "full.txt", CAPTIONS)).read_text().splitlines()
+    (tmp_path / "vocab.txt").write_text("\n".join(t for t in lines if t != "[CLS]") + "\n")
+    return "bert", tmp_path / "vocab.txt", "not a BERT WordPiece vocabulary.*no \\[CLS\\] token"
+
+
+def bad_bert_gzipped(tmp_path):  # the CLIP merges file where a vocab.txt belongs
+    return "bert", Path(clip_merges(tmp_path / "bpe.txt.gz")), "not a BERT WordPiece vocabulary"
+
+
+def bad_clip_plain_text(tmp_path):  # a vocab.txt where the merges belong
+    return "clip", Path(bert_vocab(tmp_path / "vocab.txt", CAPTIONS)), "not a gzipped CLIP BPE merges file"
+
+
+def bad_clip_gzipped_wordpiece(tmp_path):  # gzip, but one token a line instead of merge pairs
+    import gzip
+    text = Path(bert_vocab(tmp_path / "vocab.txt", CAPTIONS)).read_bytes()
+    (tmp_path / "vocab.txt.gz").write_bytes(gzip.compress(text))
+    return "openclip", tmp_path / "vocab.txt.gz", "not a gzipped CLIP BPE merges file"
+
+
+def bad_clip_truncated(tmp_path):  # an interrupted download
+    path = Path(clip_merges(tmp_path / "bpe.txt.gz", ["t h"] * 2000))
+    path.write_bytes(path.read_bytes()[:-20])
+    return "clip", path, "not a gzipped CLIP BPE merges file"
+
+
+@pytest.mark.parametrize("make", [bad_bert_without_cls, bad_bert_gzipped, bad_clip_plain_text,
+                                  bad_clip_gzipped_wordpiece, bad_clip_truncated], ids=lambda f: f.__name__[4:])
+def test_bad_vocab_files_are_one_line_errors(make, tmp_path):
+    """A vocabulary of the wrong kind or a broken one: a UserError naming text.vocab_path, the file and what was
+    expected, raised before any weights load (not a KeyError or gzip error from inside the tokenizer)."""
+    from config import UserError
+    from text import load_text_encoder
+    kind, path, expected = make(tmp_path)
+    with pytest.raises(UserError, match=f"^text.vocab_path={re.escape(str(path))}: {expected}") as e:
+        load_text_encoder(TextConfig(kind=kind, vocab_path=str(path), **TINY), {}, "text.ckpt")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["bert", "clip"])
+def test_vocab_larger_than_the_embedding_is_an_error(kind, tmp_path):
+    """Ids past text.vocab_size would index past the embedding (an IndexError mid-sampling, and only for captions
+    that use them): the largest id and the size are named when the tokenizer is built. A vocabulary that just fits is fine."""
+    from config import UserError
+    from text import load_text_encoder
+    path = bert_vocab(tmp_path / "vocab.txt", CAPTIONS) if kind == "bert" else clip_merges(tmp_path / "bpe.txt.gz")
+    tokens = len(Path(path).read_text().splitlines()) if kind == "bert" else 512 + 3 + 2  # bytes, merges, <start> <end>
+    cfg = TextConfig(kind=kind, vocab_path=path, **{**TINY, "vocab_size": tokens})
+    tokenizer, _ = build_text_encoder(cfg)  # just fits
+    assert kind == "bert" or tokenizer.eot == tokens - 1  # <end>, the largest id
+    small = dataclasses.replace(cfg, vocab_size=tokens - 10)
+    with pytest.raises(UserError, match=f"^text.vocab_path={re.escape(path)}: ids up to {tokens - 1}, .*text.vocab_size={tokens - 10} "):
+        load_text_encoder(small, {}, "text.ckpt")
