@@ -25,8 +25,8 @@ classes and unreadable files:
     python dataset.py --preview --data.name=coco --data.root=COCO --out coco_preview.png
     python dataset.py --preview --preset vg_ldm --data.root=VG --split val
 """
-import contextlib
 import json
+import math
 import os
 import sys
 from collections import Counter, defaultdict
@@ -159,15 +159,50 @@ def _read_coco(path: Path, fields=("images", "annotations", "categories")) -> di
     return data
 
 
-@contextlib.contextmanager
-def _entry(path: Path, field: str, k: int, entry):
+class _BadField(ValueError):
+    """Raised inside _entry: a field of the wrong type, its message naming the field."""
+
+
+class _entry:
     """Around the reading of data[field][k]: a missing key or a wrong type becomes a UserError
-    naming the file, the entry and the field."""
-    try:
-        yield
-    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:
-        problem = f"missing field {e.args[0]!r}" if isinstance(e, KeyError) else f"malformed entry ({e})"
-        raise UserError(f"{path}: {field}[{k}]: {problem}, in {_short(entry)}") from None
+    naming the file, the entry and the field. (A class: it wraps each of Visual Genome's millions
+    of objects, and a @contextmanager generator costs three times as much.)"""
+
+    def __init__(self, path: Path, field: str, k: int, entry):
+        self.path, self.field, self.k, self.entry = path, field, k, entry
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, traceback):
+        if isinstance(e, (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError)):
+            if isinstance(e, _BadField):
+                problem = str(e)
+            else:
+                problem = f"missing field {e.args[0]!r}" if isinstance(e, KeyError) else f"malformed entry ({e})"
+            raise UserError(f"{self.path}: {self.field}[{self.k}]: {problem}, in {_short(self.entry)}") from None
+
+
+# what a field may hold, by the words of the error message. type(), not isinstance: bool is an int
+# subclass, but `true` is surely no size or id; json.loads accepts NaN and Infinity, which would
+# silently poison the boxes; a string id "11" would never match the image or object 11
+_KINDS = {"a finite number": lambda v: type(v) in (int, float) and math.isfinite(v),
+          "an integer id": lambda v: type(v) is int,
+          "a string": lambda v: isinstance(v, str),
+          "a list": lambda v: isinstance(v, list),
+          "a list of strings": lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+          "a JSON object": lambda v: isinstance(v, dict)}
+
+
+def _field(entry, key: str, kind: str):
+    """entry[key], checked to be `kind` (one of _KINDS); inside _entry, so that a missing or wrong
+    field is one line naming it."""
+    if not isinstance(entry, dict):
+        raise _BadField(f"expected a JSON object, got {_short(entry)}")
+    value = entry[key]
+    if not _KINDS[kind](value):
+        raise _BadField(f"field {key!r}: expected {kind}, got {_short(value)}")
+    return value
 
 # -----------------------------------------------------------------------------
 # index caches: an annotation file is parsed once, its index kept as JSON
@@ -201,7 +236,9 @@ def _stamps(*paths: Path | None) -> dict:
     return {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p is not None and p.exists()}
 
 
-INDEX_VERSION = 1  # bump when the index layout or a filter's meaning changes: old caches rebuild
+# bump when the index layout or a filter's meaning changes: old caches rebuild. 2: every entry is
+# checked (a cache of 1 may hold NaN boxes, or a VG "names": "man" read as classes 'm', 'a', 'n')
+INDEX_VERSION = 2
 
 # -----------------------------------------------------------------------------
 # COCO-stuff 2017 and COCO-format sets
@@ -237,13 +274,18 @@ def _build_coco_index(instances: Path, stuff: Path | None, captions: Path | None
     for k, im in enumerate(sources[0][1]["images"]):
         with _entry(instances, "images", k, im):
             images[im["id"]] = (str(im["file_name"]), float(im["width"]), float(im["height"]))
-            if images[im["id"]][1] <= 0 or images[im["id"]][2] <= 0:
-                raise ValueError("width and height must be > 0")
-    names = {}  # category id -> name, things and stuff together
+            if not all(0 < v < math.inf for v in images[im["id"]][1:]):  # NaN fails every comparison
+                raise ValueError("width and height must be finite and > 0")
+    names, owner = {}, {}  # category id -> name, things and stuff together; name -> category id
     for path, data in sources:
         for k, cat in enumerate(data["categories"]):
             with _entry(path, "categories", k, cat):
-                names[cat["id"]] = str(cat["name"])
+                name = str(cat["name"])
+                # layouts name their objects' classes: two categories of one name would be one class
+                if owner.setdefault(name, cat["id"]) != cat["id"]:
+                    raise UserError(f"{path}: categories[{k}]: name {name!r} is also category {owner[name]!r}'s; "
+                                    f"class names must be unique")
+                names[cat["id"]] = name
     ids = sorted(i for i, name in names.items() if not (drop_other and name == "other"))
     label_of = {cid: k for k, cid in enumerate(ids)}
     objects, with_stuff = defaultdict(list), set()
@@ -251,6 +293,8 @@ def _build_coco_index(instances: Path, stuff: Path | None, captions: Path | None
         for k, ann in enumerate(data["annotations"]):
             with _entry(path, "annotations", k, ann):
                 image_id, cid, (x, y, w, h) = ann["image_id"], ann["category_id"], (float(v) for v in ann["bbox"])
+                if not all(map(math.isfinite, (x, y, w, h))):  # json.loads accepts NaN and Infinity
+                    raise _BadField(f"field 'bbox': expected 4 finite numbers [x, y, w, h], got {_short(ann['bbox'])}")
                 if image_id not in images:
                     raise UserError(f"{path}: annotations[{k}]: image_id {image_id!r} is not in the images of {instances}")
                 if cid not in names:
@@ -327,6 +371,30 @@ def _read_aliases(path: Path) -> dict:
     return aliases
 
 
+def _vg_id(entry: dict, key: str) -> int:
+    # older Visual Genome files call image_id and object_id "id"
+    return _field(entry, key if key in entry or "id" not in entry else "id", "an integer id")
+
+
+def _vg_object(path: Path, field: str, k: int, obj, alias: dict) -> tuple:
+    """(object id, names after the aliases, x, y, w, h) of objects.json's data[field][k]."""
+    with _entry(path, field, k, obj):
+        box = [_field(obj, key, "a finite number") for key in ("x", "y", "w", "h")]
+        # objects.json v1.2 lists "names"; older files one "name"
+        names = (_field(obj, "names", "a list of strings") if "names" in obj else
+                 [_field(obj, "name", "a string")] if "name" in obj else [])
+        return (_vg_id(obj, "object_id"), [alias.get(n, n) for n in names], *box)
+
+
+def _vg_relationship(path: Path, field: str, k: int, rel, alias: dict) -> tuple:
+    """(predicate, lower-cased and after the aliases, subject's object id, object's object id) of
+    relationships.json's data[field][k]."""
+    with _entry(path, field, k, rel):
+        p = _field(rel, "predicate", "a string").lower().strip()
+        subject, obj = (_vg_id(_field(rel, end, "a JSON object"), "object_id") for end in ("subject", "object"))
+        return alias.get(p, p), subject, obj
+
+
 VG_FILES = ("image_data.json", "objects.json", "relationships.json", "vg_splits.json")
 VG_MIN_IMAGE_SIZE, VG_MAX_RELATIONSHIPS = 200, 30  # sg2im's preprocess_vg.py defaults, not config keys
 
@@ -373,22 +441,29 @@ def _build_vg_index(root: Path, s: dict) -> dict:
     for k, im in enumerate(image_data):
         with _entry(root / "image_data.json", "", k, im):
             # the file is images/<last folder of the url>/<name>, e.g. images/VG_100K_2/1.jpg
-            images[im.get("image_id", im.get("id"))] = ("/".join(im["url"].split("/")[-2:]), im["width"], im["height"])
+            url = _field(im, "url", "a string")
+            images[_vg_id(im, "image_id")] = ("/".join(url.split("/")[-2:]), _field(im, "width", "a finite number"),
+                                              _field(im, "height", "a finite number"))
+    for split in SPLITS:  # image ids as image_data.json's: another type would never match one
+        for k, i in enumerate(splits[split]):
+            if not _KINDS["an integer id"](i):
+                raise UserError(f"{root / 'vg_splits.json'}: {split}[{k}]: expected an integer image id, got {_short(i)}")
     ids = {split: [i for i in splits[split] if i in images and min(images[i][1:]) >= s["min_image_size"]]
            for split in SPLITS}
-    by_image, rels_of = {}, {}
+    # each object and relationship is checked and read once, here, so that an error names its entry
+    by_image, rels_of = {}, {}  # image id -> its objects (id, names, x, y, w, h); its (predicate, subject, object)
+    path = root / "objects.json"
     for k, entry in enumerate(objects):
-        with _entry(root / "objects.json", "", k, entry):
-            by_image[entry["image_id"]] = entry["objects"]
+        with _entry(path, "", k, entry):
+            objs, where = enumerate(_field(entry, "objects", "a list")), f"[{k}].objects"
+            by_image[_field(entry, "image_id", "an integer id")] = [_vg_object(path, where, j, obj, obj_alias)
+                                                                    for j, obj in objs]
+    path = root / "relationships.json"
     for k, entry in enumerate(relationships):
-        with _entry(root / "relationships.json", "", k, entry):
-            rels_of[entry["image_id"]] = entry["relationships"]
-
-    def names(obj) -> list[str]:  # objects.json v1.2 lists "names"; older files one "name"
-        return [obj_alias.get(n, n) for n in obj.get("names", [obj["name"]] if "name" in obj else [])]
-
-    def oid(obj) -> int:
-        return obj.get("object_id", obj.get("id"))
+        with _entry(path, "", k, entry):
+            rels, where = enumerate(_field(entry, "relationships", "a list")), f"[{k}].relationships"
+            rels_of[_field(entry, "image_id", "an integer id")] = [_vg_relationship(path, where, j, rel, rel_alias)
+                                                                   for j, rel in rels]
 
     if (root / "vocab.json").is_file():  # sg2im's own vocabulary, in its order (that of released checkpoints)
         vocab = _read_json(root / "vocab.json", "sg2im vocabulary")
@@ -398,8 +473,8 @@ def _build_vg_index(root: Path, s: dict) -> dict:
     else:
         counts = Counter()
         for i in ids["train"]:
-            for obj in by_image.get(i, []):
-                counts.update(set(names(obj)))  # an object counts once per distinct name
+            for _, names, *_ in by_image.get(i, []):
+                counts.update(set(names))  # an object counts once per distinct name
         class_names = sorted((n for n, c in counts.items() if c >= s["min_object_instances"]),
                              key=lambda n: (-counts[n], n))
     label_of = {n: k for k, n in enumerate(class_names)}
@@ -407,28 +482,22 @@ def _build_vg_index(root: Path, s: dict) -> dict:
     for split in SPLITS:
         for i in ids[split]:
             _, W, H = images[i]
-            for obj in by_image.get(i, []):
-                label = next((label_of[n] for n in names(obj) if n in label_of), None)
-                if label is not None and obj["w"] >= s["min_object_size"] and obj["h"] >= s["min_object_size"]:
-                    kept[oid(obj)] = [label, obj["x"] / W, obj["y"] / H, obj["w"] / W, obj["h"] / H]
-
-    def predicate(rel) -> str:
-        p = rel["predicate"].lower().strip()
-        return rel_alias.get(p, p)
-
-    pred_counts = Counter(predicate(r) for i in ids["train"] for r in rels_of.get(i, [])
-                          if oid(r["subject"]) in kept and oid(r["object"]) in kept)
+            for oid, names, x, y, w, h in by_image.get(i, []):
+                label = next((label_of[n] for n in names if n in label_of), None)
+                if label is not None and w >= s["min_object_size"] and h >= s["min_object_size"]:
+                    kept[oid] = [label, x / W, y / H, w / W, h / H]
+    pred_counts = Counter(p for i in ids["train"] for p, a, b in rels_of.get(i, []) if a in kept and b in kept)
     predicates = {p for p, c in pred_counts.items() if c >= s["min_predicate_instances"]}
     index = {"class_names": class_names}
     for split in SPLITS:
         records = []
         for i in ids[split]:
-            mine = [oid(obj) for obj in by_image.get(i, []) if oid(obj) in kept]
+            mine = [obj[0] for obj in by_image.get(i, []) if obj[0] in kept]
             if not s["min_objects"] <= len(mine) <= s["max_objects"][split]:
                 continue
             position = {o: k for k, o in enumerate(mine)}
-            rels = [(position[oid(r["subject"])], position[oid(r["object"])]) for r in rels_of.get(i, [])
-                    if predicate(r) in predicates and oid(r["subject"]) in position and oid(r["object"]) in position]
+            rels = [(position[a], position[b]) for p, a, b in rels_of.get(i, [])
+                    if p in predicates and a in position and b in position]
             if not s["min_relationships"] <= len(rels) <= s["max_relationships"]:
                 continue
             in_rel = [any(k in pair for pair in rels) for k in range(len(mine))]

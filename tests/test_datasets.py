@@ -535,3 +535,88 @@ def test_not_coco_annotation_message(tmp_path):
     ann.write_text("{'images': []}")
     with pytest.raises(UserError, match=r"ann\.json: not valid JSON \(Expecting property name"):
         build_dataset(cfg, "train", max_objects=8)
+
+
+def test_coco_nan_bbox_is_an_error(tmp_path):
+    """json.loads accepts NaN and Infinity: a box of them would give the item nan boxes."""
+    (tmp_path / "images").mkdir()
+    cfg = DataConfig(name="coco_format", root=str(tmp_path / "images"), ann_file=str(tmp_path / "ann.json"), min_objects=1)
+    for bbox, shown in (([float("nan"), 10, 30, 30], r"\[nan, 10, 30, 30\]"), ([0, 0, float("inf"), 10], r"\[0, 0, inf, 10\]")):
+        write_coco_format(tmp_path, ["a.png"], [(1, 1, bbox)], [{"id": 1, "name": "a"}])
+        with pytest.raises(UserError, match=rf"ann\.json: annotations\[0\]: field 'bbox': expected 4 finite numbers "
+                                            rf"\[x, y, w, h\], got {shown}"):
+            build_dataset(cfg, "train", max_objects=8)
+    ann = json.loads((tmp_path / "ann.json").read_text())
+    ann["annotations"][0]["bbox"] = [0, 0, 10, 10]
+    ann["images"][0]["width"] = float("nan")  # nan <= 0 is False: it must not pass as a size
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    with pytest.raises(UserError, match=r"ann\.json: images\[0\]: malformed entry \(width and height must be finite "
+                                        r"and > 0\)"):
+        build_dataset(cfg, "train", max_objects=8)
+
+
+def test_coco_duplicate_category_names_are_an_error(tmp_path):
+    """Layouts name their objects' classes: two categories of one name could not be told apart."""
+    ann = write_coco_format(tmp_path, ["a.png"], [(1, 7, [0, 0, 20, 20])],
+                            [{"id": 7, "name": "cat"}, {"id": 8, "name": "dog"}, {"id": 5, "name": "cat"}])
+    cfg = DataConfig(name="coco_format", root=str(tmp_path / "images"), ann_file=str(ann), min_objects=1)
+    with pytest.raises(UserError, match=r"ann\.json: categories\[2\]: name 'cat' is also category 7's; "
+                                        r"class names must be unique"):
+        build_dataset(cfg, "train", max_objects=8)
+
+
+DROP = object()  # as edit_json's value: delete the field
+
+
+def edit_json(path: Path, keys: tuple, value) -> None:
+    """Set data[keys[0]][keys[1]]... of the JSON file at path to value (or delete it: DROP)."""
+    data = json.loads(path.read_text())
+    target = data
+    for key in keys[:-1]:
+        target = target[key]
+    if value is DROP:
+        del target[keys[-1]]
+    else:
+        target[keys[-1]] = value
+    path.write_text(json.dumps(data))
+
+
+VG_OBJECT, VG_REL = r"objects\.json: \[0\]\.objects\[0\]", r"relationships\.json: \[0\]\.relationships\[0\]"
+
+
+@pytest.mark.parametrize("file, keys, value, message", [
+    ("objects.json", (0, "objects", 0, "w"), DROP, rf"{VG_OBJECT}: missing field 'w', in \{{"),
+    ("objects.json", (0, "objects", 0, "x"), float("nan"), rf"{VG_OBJECT}: field 'x': expected a finite number, got nan"),
+    ("objects.json", (0, "objects", 0, "names"), "man",
+     rf"{VG_OBJECT}: field 'names': expected a list of strings, got 'man'"),
+    ("objects.json", (0, "objects", 0, "names"), ["man", 3],
+     rf"{VG_OBJECT}: field 'names': expected a list of strings, got \['man', 3\]"),
+    ("objects.json", (0, "objects", 0, "object_id"), "11",
+     rf"{VG_OBJECT}: field 'object_id': expected an integer id, got '11'"),
+    ("objects.json", (0, "objects", 0), [11, "man"], rf"{VG_OBJECT}: expected a JSON object, got \[11, 'man'\]"),
+    ("objects.json", (0, "objects"), None, r"objects\.json: \[0\]: field 'objects': expected a list, got None"),
+    ("objects.json", (0, "image_id"), DROP, r"objects\.json: \[0\]: missing field 'image_id'"),
+    ("relationships.json", (0, "relationships", 0, "predicate"), DROP, rf"{VG_REL}: missing field 'predicate'"),
+    ("relationships.json", (0, "relationships", 0, "subject"), DROP, rf"{VG_REL}: missing field 'subject'"),
+    ("relationships.json", (0, "relationships", 0, "object"), 13,
+     rf"{VG_REL}: field 'object': expected a JSON object, got 13"),
+    ("relationships.json", (0, "relationships", 0, "predicate"), None,
+     rf"{VG_REL}: field 'predicate': expected a string, got None"),
+    ("image_data.json", (0, "width"), "300",
+     r"image_data\.json: \[0\]: field 'width': expected a finite number, got '300'"),
+    ("image_data.json", (0, "url"), None, r"image_data\.json: \[0\]: field 'url': expected a string, got None"),
+    ("image_data.json", (0,), "1.jpg", r"image_data\.json: \[0\]: expected a JSON object, got '1\.jpg'"),
+    ("vg_splits.json", ("train", 0), [1], r"vg_splits\.json: train\[0\]: expected an integer image id, got \[1\]"),
+], ids=["object-no-w", "object-nan-x", "names-string", "names-not-strings", "object-id-string", "object-not-dict",
+        "objects-null", "objects-no-image-id", "rel-no-predicate", "rel-no-subject", "rel-object-not-dict",
+        "predicate-null", "width-string", "url-null", "image-not-dict", "split-id-list"])
+def test_visual_genome_malformed_entries_are_one_line_errors(tmp_path, file, keys, value, message):
+    """Each malformed entry is one UserError line naming the file, the entry and the field, not a
+    KeyError or TypeError traceback, and never data silently read wrong ("man" as names 'm', 'a', 'n')."""
+    write_vg(tmp_path)
+    edit_json(tmp_path / file, keys, value)
+    cfg = DataConfig(name="vg", root=str(tmp_path), vg_min_object_instances=2, vg_min_predicate_instances=2,
+                     max_objects_per_image=4)
+    with pytest.raises(UserError, match=message) as e:
+        build_dataset(cfg, "train", max_objects=4)
+    assert "\n" not in str(e.value)
