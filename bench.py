@@ -18,8 +18,10 @@ blocks, 8 heads, text context 768) with layout attention at downsample rates 2 a
 of 128-wide embeddings, frozen foundation (904.2 M parameters, 44.7 M trained), the SD KL-f8
 autoencoder (512 px images, 64x64 latents) and CLIP ViT-L/14 text (77 tokens). The configs come from
 presets/coco_sd15.yaml when it loads, else from this file's copy of the original's arguments (the
-header says which). Random weights: speed does not depend on the values. Layouts are random, 1..8
-boxes per image (--boxes). The other presets shrink widths and sizes of the same topology.
+header says which). Random weights: speed does not depend on the values. Layouts are random, 8 boxes
+per image, as in the performance issue's measurement of the original (--boxes; --varied-boxes draws
+1..8 per image, the setting of the README's GPU rows up to 2026-11-27). The other presets shrink
+widths and sizes of the same topology.
 
 Rows (--only takes any of the sections; one Markdown table, `x` has its own):
   c  "matmul N^3 (measured peak)": the dtype's matmul throughput here, the denominator of % peak.
@@ -41,7 +43,7 @@ Rows (--only takes any of the sections; one Markdown table, `x` has its own):
   b  "layout blocks' share": the step timed again with every LayoutAttention replaced by `x + s`
      (s a trainable scalar per block, so the backward still runs through every later layer, as with
      the real blocks) and no boxes (no region masks, raster or windows): share = 1 - bypassed / full.
-     Target <= 15 %. Again with layouts of up to model.max_objects boxes, and for a sampling forward.
+     Target <= 15 %. Again with layouts of model.max_objects boxes, and for a sampling forward.
   d  "sample": CLIP encode of the captions and the empty ones, 20 PLMS steps with guidance 7.5
      (cond and uncond in ONE batch of 2B: 21 UNet calls, the first step makes two), VAE decode to
      512 px; ms per run of `batch` images. Batch 1: latency, target <= 0.3 s; 8, 16: target >= 15
@@ -153,12 +155,12 @@ def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
 # inputs and the original's algorithm
 
 
-def random_layouts(B: int, N: int, num_classes: int, gen: torch.Generator):
-    """Padded random layouts: image i has 1..N real boxes (x, y, w, h in [0, 1]) in its first rows."""
+def random_layouts(B: int, N: int, num_classes: int, gen: torch.Generator, least: int = 1):
+    """Padded random layouts: image i has least..N real boxes (x, y, w, h in [0, 1]) in its first rows."""
     xy = torch.rand(B, N, 2, generator=gen) * 0.9
     wh = 0.05 + torch.rand(B, N, 2, generator=gen) * 0.5
     labels = torch.randint(0, num_classes, (B, N), generator=gen)
-    counts = torch.randint(1, N + 1, (B,), generator=gen)
+    counts = torch.randint(least, N + 1, (B,), generator=gen)
     box_mask = torch.arange(N)[None] < counts[:, None]
     return torch.cat([xy, wh], -1), labels, box_mask
 
@@ -204,13 +206,19 @@ def ours_layout_attention(block: LayoutAttention, x, boxes, labels, box_mask, ta
     return block(x, layout, table)
 
 
+def boxes_label(args, N: int | None = None) -> str:
+    """How many boxes each random layout of the run holds: "8 boxes", or "1..8 boxes" (--varied-boxes)."""
+    N = N or args.boxes
+    return f"1..{N} boxes" if args.varied_boxes else f"{N} boxes"
+
+
 def make_batch(B: int, cfg: ModelConfig, latent: int, text_len: int, n_boxes: int, gen: torch.Generator,
-               device) -> dict:
+               device, least: int = 1) -> dict:
     """Random training inputs for B images: latents x_start (B, 4, latent, latent), noise, timesteps,
-    text tokens (B, text_len, context_dim) on the device, and layouts of 1..n_boxes boxes, padded
+    text tokens (B, text_len, context_dim) on the device, and layouts of least..n_boxes boxes, padded
     to the longest as train.py trims a batch, left on the host as train.py passes them (the model
     plans its box windows there)."""
-    boxes, labels, box_mask = random_layouts(B, n_boxes, cfg.num_classes, gen)
+    boxes, labels, box_mask = random_layouts(B, n_boxes, cfg.num_classes, gen, least)
     n = int(box_mask.sum(1).max())
     batch = dict(x_start=torch.randn(B, cfg.in_channels, latent, latent, generator=gen),
                  noise=torch.randn(B, cfg.in_channels, latent, latent, generator=gen),
@@ -502,7 +510,7 @@ def section_a(args, env: dict) -> dict:
         if over_budget(args):
             emit(args, "a", "step: skipped, time budget", B)
             break
-        batch = make_batch(B, env["mc"], latent, tlen, args.boxes, env["gen"], dev)
+        batch = make_batch(B, env["mc"], latent, tlen, args.boxes, env["gen"], dev, args.least_boxes)
         if args.channels_last:
             batch["x_start"], batch["noise"] = (batch[k].contiguous(memory_format=torch.channels_last)
                                                 for k in ("x_start", "noise"))
@@ -531,7 +539,7 @@ def section_a(args, env: dict) -> dict:
 def section_a_tricks(args, env: dict):
     """Each speed trick alone at trick_batch, against the plain step at the same batch."""
     unet, dev, B = env["unet"], args.device, args.trick_batch
-    batch = make_batch(B, env["mc"], env["latent"], env["tc"].max_len, args.boxes, env["gen"], dev)
+    batch = make_batch(B, env["mc"], env["latent"], env["tc"].max_len, args.boxes, env["gen"], dev, args.least_boxes)
     base, flops = measure(args, lambda: train_step(args, env, batch))
     emit(args, "a", "trick base: plain step", B, base, flops, note="1.00x")
 
@@ -596,7 +604,7 @@ def profile_step(args, env: dict):
     section b), so that the difference of the two tables is the layout blocks' own work."""
     from torch.profiler import ProfilerActivity, profile
     batch = make_batch(args.trick_batch, env["mc"], env["latent"], env["tc"].max_len, args.boxes, env["gen"],
-                       args.device)
+                       args.device, args.least_boxes)
     cuda = args.device == "cuda"
     tables = []
     for what, layout in (("one training step", True), ("the same, layout blocks bypassed (x + s)", False)):
@@ -621,7 +629,7 @@ def section_a_compiled(args, env: dict, compiled):
         if over_budget(args):
             emit(args, "a", "compiled step: skipped, time budget", B)
             break
-        batch = make_batch(B, env["mc"], latent, tlen, args.boxes, env["gen"], args.device)
+        batch = make_batch(B, env["mc"], latent, tlen, args.boxes, env["gen"], args.device, args.least_boxes)
         t0 = time.perf_counter()
         oom = False
         try:
@@ -646,7 +654,8 @@ def section_b(args, env: dict):
     unet, dev = env["unet"], args.device
 
     def step_share(B: int, n_boxes: int, what: str):
-        batch = make_batch(B, env["mc"], env["latent"], env["tc"].max_len, n_boxes, env["gen"], dev)
+        least = 1 if args.varied_boxes else n_boxes
+        batch = make_batch(B, env["mc"], env["latent"], env["tc"].max_len, n_boxes, env["gen"], dev, least)
         try:
             full = time_fn(lambda: train_step(args, env, batch), args.repeats, dev)
         except torch.cuda.OutOfMemoryError:
@@ -664,13 +673,13 @@ def section_b(args, env: dict):
         emit(args, "b", f"layout blocks' share of the step, {what}", B, full - bypassed, images=0,
              note=f"share {share * 100:.1f} %; target <= 15 % {'met' if share <= 0.15 else 'not met'}")
 
-    step_share(args.trick_batch, args.boxes, f"1..{args.boxes} boxes")
+    step_share(args.trick_batch, args.boxes, boxes_label(args))
     if env["mc"].max_objects > args.boxes and not over_budget(args):  # the config's limit: a batch padded to it
         N = env["mc"].max_objects
-        step_share(args.sizes["worst_batch"], N, f"1..{N} boxes (max_objects)")
+        step_share(args.sizes["worst_batch"], N, f"{boxes_label(args, N)} (max_objects)")
     # the sampling forward: one image with guidance is a batch of 2, the layout and the empty one,
     # whose maps the sampler builds once per run (prepare_condition), not at every step
-    x = make_batch(2, env["mc"], env["latent"], env["tc"].max_len, args.boxes, env["gen"], dev)
+    x = make_batch(2, env["mc"], env["latent"], env["tc"].max_len, args.boxes, env["gen"], dev, args.least_boxes)
     x["box_mask"][1:] = False
     unet.eval()
     with torch.no_grad(), amp_context(args):
@@ -698,7 +707,8 @@ def section_m(args, mc: ModelConfig, latent: int, text_len: int):
         unet = LayoutUNet(mc).to(dtype)
     train.freeze_foundation(unet)
     B = args.trick_batch
-    batch = make_batch(B, mc, latent, text_len, args.boxes, torch.Generator().manual_seed(0), "meta")
+    batch = make_batch(B, mc, latent, text_len, args.boxes, torch.Generator().manual_seed(0), "meta",
+                       args.least_boxes)
 
     def count(layout: bool) -> ByteCount:
         cond = {k: batch[k] for k in ("boxes", "labels", "box_mask")} if layout else {}
@@ -713,7 +723,7 @@ def section_m(args, mc: ModelConfig, latent: int, text_len: int):
     # only the difference: on the meta device attention runs SDPA's math path, which materialises
     # the scores that the flash kernels of a GPU never write, so the rest of the step reads high
     moved, ops, flops = full.bytes - bypassed.bytes, full.ops - bypassed.ops, full.total - bypassed.total
-    emit(args, "m", f"layout blocks' forward + backward, memory traffic (counted), 1..{args.boxes} boxes", B,
+    emit(args, "m", f"layout blocks' forward + backward, memory traffic (counted), {boxes_label(args)}", B,
          note=f"{moved / 1e9:.2f} GB, {ops} ops, {flops / 1e12:.3g} TFLOP "
               f"({flops / full.total * 100:.1f} % of the step's)")
 
@@ -740,7 +750,8 @@ def section_d(args, env: dict, compiled=None, mode: str = "", batches=None):
             emit(args, "d", "sampling: skipped, time budget", B)
             break
         gen = torch.Generator().manual_seed(B)
-        boxes, labels, box_mask = (z.to(dev) for z in random_layouts(B, args.boxes, env["mc"].num_classes, gen))
+        layout = random_layouts(B, args.boxes, env["mc"].num_classes, gen, args.least_boxes)
+        boxes, labels, box_mask = (z.to(dev) for z in layout)
         ids = torch.randint(0, tc.vocab_size, (2 * B, tc.max_len), generator=gen).to(dev)  # captions, then empty ones
         x_T = torch.randn(B, env["mc"].in_channels, latent, latent, generator=gen).to(dev)
 
@@ -820,7 +831,7 @@ def section_e(args, env: dict):
         None when it does not fit (capped False: the CPU cap does not apply). CPU: model state
         (weights, grads, AdamW) + the heap growth over the forward, i.e. what the forward keeps for
         the backward, checkpoint inputs included."""
-        batch = make_batch(B, env["mc"], latent, tlen, args.boxes, env["gen"], dev)
+        batch = make_batch(B, env["mc"], latent, tlen, args.boxes, env["gen"], dev, args.least_boxes)
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
         fits, held, loss = True, 0, None
@@ -869,7 +880,7 @@ def section_f(args, env: dict, a_results: dict):
     """The whole step with the frozen encoders against a latent cache, at pipeline_batch."""
     ae, dev, B = env["ae"], args.device, args.sizes["pipeline_batch"]
     tc, px, latent = env["tc"], args.sizes["image_size"], env["latent"]
-    batch = make_batch(B, env["mc"], latent, tc.max_len, args.boxes, env["gen"], dev)
+    batch = make_batch(B, env["mc"], latent, tc.max_len, args.boxes, env["gen"], dev, args.least_boxes)
     images = (torch.rand(B, 3, px, px, generator=env["gen"]) * 2 - 1).to(dev)
     ids = torch.randint(0, tc.vocab_size, (B, tc.max_len), generator=env["gen"]).to(dev)
     with torch.no_grad():
@@ -995,7 +1006,10 @@ def main(argv=None):
                         help="torch.compile backend; 'eager' checks the compiled code path in seconds on a CPU")
     parser.add_argument("--channels-last", action="store_true", help="section a's batch rows in channels_last")
     parser.add_argument("--layout-impl", choices=["window", "masked"], default=None, help="model.layout_attn_impl")
-    parser.add_argument("--boxes", type=int, default=None, help="most boxes per random layout (default: the preset's)")
+    parser.add_argument("--boxes", type=int, default=None, help="boxes per random layout (default: the preset's; "
+                        "coco_sd15: 8, the performance issue's setting)")
+    parser.add_argument("--varied-boxes", action="store_true",
+                        help="1..--boxes boxes per layout instead (the README's GPU rows before 2026-11-28)")
     parser.add_argument("--minutes", type=float, default=None, help="skip what is left after this long (0: never)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (default: the preset's)")
     parser.add_argument("--clock", choices=list(CLOCK), default="wall",
@@ -1020,6 +1034,7 @@ def main(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.repeats = args.repeats or args.sizes["repeats"]
     args.boxes = args.boxes or args.sizes["boxes"]
+    args.least_boxes = 1 if args.varied_boxes else args.boxes
     minutes = args.sizes["minutes"] if args.minutes is None else args.minutes
     start = time.time()
     args.deadline = start + 60 * minutes if minutes else None

@@ -12,16 +12,16 @@ from model import LayoutAttention, ModelConfig, SpatialTransformer
 TINY_ROWS = {  # section -> the start of each row it must print
     "a": ["step (", "trick base: plain step", "trick channels_last", "trick layout_attn_impl=masked",
           "trick use_checkpoint", "trick + EMA as train.py (trained parameters only"],
-    "b": ["step, layout blocks bypassed (x + s), 1..3 boxes", "layout blocks' share of the step, 1..3 boxes",
-          "step, layout blocks bypassed (x + s), 1..4 boxes (max_objects)",
-          "layout blocks' share of the step, 1..4 boxes (max_objects)", "layout blocks' share of a sampling forward"],
+    "b": ["step, layout blocks bypassed (x + s), 3 boxes", "layout blocks' share of the step, 3 boxes",
+          "step, layout blocks bypassed (x + s), 4 boxes (max_objects)",
+          "layout blocks' share of the step, 4 boxes (max_objects)", "layout blocks' share of a sampling forward"],
     "c": ["fp32 matmul 256^3 (measured peak)"],
     "d": ["sample 16px, PLMS 3 + CFG + decode"],
     "e": ["memory, forward+backward (CPU estimate)", "largest batch, forward+backward, no checkpointing",
           "largest batch, forward+backward, use_checkpoint"],
     "f": ["pipeline: encode images + text, then step", "pipeline: latent cache, encode text, then step",
           "latents and text given (section a)"],
-    "m": ["layout blocks' forward + backward, memory traffic (counted), 1..3 boxes"],
+    "m": ["layout blocks' forward + backward, memory traffic (counted), 3 boxes"],
 }
 
 
@@ -81,6 +81,22 @@ def test_bench_compile_times_only_the_sections_named(capsys):
         bench.main(["--tiny", "--compile", "x"])
     assert e.value.code == 2
     assert "--compile: unknown sections x (compiled: a, d)" in capsys.readouterr().err
+
+
+def test_bench_boxes_per_image_as_the_issue_or_varied(capsys):
+    """Every layout holds --boxes boxes (the performance issue's setting: 8 per image), or 1..--boxes
+    with --varied-boxes (fewer boxes: less work in the layout blocks)."""
+    batch = bench.make_batch(16, ModelConfig(), 8, 4, 5, torch.Generator().manual_seed(0), "cpu", least=5)
+    assert batch["box_mask"].shape == (16, 5) and batch["box_mask"].all()
+    varied = bench.make_batch(16, ModelConfig(), 8, 4, 5, torch.Generator().manual_seed(0), "cpu")
+    assert not varied["box_mask"].all() and varied["box_mask"][:, 0].all()
+    flops = {}  # the layout blocks' FLOPs in section m's note ("0.01 GB, 351 ops, 1.33e-05 TFLOP (...)")
+    for flags in ([], ["--varied-boxes"]):
+        bench.main(["--tiny", "--only", "m", *flags])
+        (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| m |")]
+        what, note = row.split("|")[2].strip(), row.split("|")[9].strip()
+        flops[what.split("(counted), ")[1]] = float(note.split(", ")[2].split(" TFLOP")[0])
+    assert flops["3 boxes"] > flops["1..3 boxes"] > 0
 
 
 def test_byte_count_models_reads_and_writes():
