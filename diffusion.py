@@ -224,13 +224,15 @@ class Diffusion:
 
     def ddim_timesteps(self, steps: int) -> torch.Tensor:
         """The original's "uniform" sub-sequence, ascending int64: 0, c, 2c, ... PLUS ONE, with
-        c = T // steps (S=20: 1, 51, ..., 951). Exactly `steps` of them: where c does not divide T
-        the original takes every multiple below T, which gives more steps than asked (S=300: 334)
-        and for S=3 a timestep of 1000, past the end of the schedule (an IndexError)."""
-        c = self.num_timesteps // steps
-        if c < 1:
-            raise ValueError(f"steps={steps} exceeds n_timestep={self.num_timesteps}")
-        return torch.arange(0, c * steps, c, dtype=torch.int64) + 1
+        c = T // steps (S=20: 1, 51, ..., 951), where S divides T. Otherwise i * T // S + 1 for
+        i < S: exactly S steps, spread over the whole schedule (the original takes every multiple
+        of c below T: more steps than asked, S=300: 334, and for S=3 a timestep of 1000, past the
+        end of the schedule; and the multiples of c alone would stop short of the noisiest steps,
+        S=501: at 501 of 1000). S = T: every timestep, without the offset, which would pass T - 1."""
+        T = self.num_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps={steps}: expected 1 to n_timestep={T}")
+        return torch.arange(steps, dtype=torch.int64) * T // steps + (1 if steps < T else 0)
 
     def ddim_coefficients(self, steps: int, eta: float = 0.0) -> dict:
         """Per-step float32 tables on the CPU for the ascending sub-sequence (index i = step i):

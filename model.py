@@ -333,6 +333,9 @@ def box_cells(boxes: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, ...]:
     ceil(extent*size)), clipped to the map. So every box covers at least one cell and a box starting
     at 1.0 gets the last row/column. Computed in float64, as the original's data loader delivers."""
     x, y, w, h = boxes.double().unbind(-1)
+    # a box reaching past the top or left edge (never in the original's data) is cut there: a start
+    # below 0 would index the row before, or the image before, in the window plan
+    x, y, w, h = x.clamp(min=0), y.clamp(min=0), w - (x.clamp(min=0) - x), h - (y.clamp(min=0) - y)
     row0 = torch.clamp(torch.floor(y * H), max=H - 1)
     col0 = torch.clamp(torch.floor(x * W), max=W - 1)
     row1 = torch.clamp(row0 + torch.clamp(torch.ceil(h * H), min=1), max=H)
@@ -366,6 +369,8 @@ def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor onto `device` without waiting for the work queued there: a blocking copy waits
     for the GPU's queue (a sync), a non-blocking one from pageable memory may, one from pinned memory
     just queues behind it."""
+    if t.device.type != "cpu":  # on a device already (labels given on the GPU beside host boxes, say)
+        return t.to(device, non_blocking=True)
     if device.type == "cuda" and not (t.is_pinned() and t.is_contiguous()):  # a strided one goes through
         t = t.contiguous().pin_memory()                                      # a pageable copy first
     return t.to(device, non_blocking=True)
@@ -704,7 +709,11 @@ class LayoutUNet(nn.Module):
             if self.cfg.layout_attn_type == "segmentation":
                 if seg_mask is None:  # no mask: every pixel is "ignore" = null (our unconditional input)
                     idx = torch.full((B, H * W), self.cfg.num_classes, device=device)
-                else:
+                else:  # one pixel of each cell of the mask: its size a multiple of the map's
+                    S = seg_mask.shape[-1]
+                    if H != W or seg_mask.shape[-2] != S or S % H:
+                        raise ValueError(f"seg_mask: expected a square mask whose size is a multiple of the "
+                                         f"{H}x{W} layout map, got {tuple(seg_mask.shape[-2:])}")
                     m = subsample_mask(seg_mask, H).reshape(B, H * W)
                     idx = torch.where(m == 255, self.cfg.num_classes, m)
                 maps[(H, W)] = {"raster": table(idx.long()), "region": None}

@@ -288,11 +288,17 @@ def test_parity_plms_layout_unet(parity_dir):
 
 def test_ddim_timesteps_count_is_exact_for_non_divisors():
     """The original's rule overruns for steps that do not divide T (S=3 gives timestep 1000, an
-    IndexError; S=300 gives 334 steps); ours gives exactly S steps, identical where S divides T."""
+    IndexError; S=300 gives 334 steps); ours gives exactly S steps up to the noisy end of the
+    schedule, identical where S divides T."""
     d = Diffusion(DiffusionConfig())
     assert d.ddim_timesteps(3).tolist() == [1, 334, 667]
     assert len(d.ddim_timesteps(300)) == 300 and d.ddim_timesteps(300).max() < 1000
     assert d.ddim_timesteps(20).tolist() == list(range(1, 1000, 50))
+    # spread over the whole schedule: the multiples of 1000 // 501 = 1 stopped at timestep 501
+    assert d.ddim_timesteps(501).max() == 999 and d.ddim_timesteps(300).max() == 997
+    assert d.ddim_timesteps(1000).tolist() == list(range(1000))  # every step, no offset past the end
+    with pytest.raises(ValueError, match="steps=1001: expected 1 to n_timestep=1000"):
+        d.ddim_timesteps(1001)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "plms"])

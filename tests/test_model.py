@@ -212,6 +212,39 @@ def test_batched_layouts_equal_single_image_calls(attn_type, impl, coords):
         torch.testing.assert_close(eps[i:i + 1], one, atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_boxes_past_the_top_or_left_edge_are_cut_there():
+    """A box that starts above or left of the map covers the cells of its part inside, as the same box
+    cut at the edge, in both layouts of the attention and with nothing from the other images (the
+    window plan indexed the row before, or the image before, and a far one crashed its bincount)."""
+    gen = torch.Generator().manual_seed(2)
+    B, N = 2, 3
+    x, t = torch.randn(B, 4, 16, 16, generator=gen), torch.randint(0, 1000, (B,), generator=gen)
+    text = torch.randn(B, 5, 16, generator=gen)
+    boxes = torch.tensor([[[0.2, -0.3, 0.3, 0.4], [0.5, 0.5, 0.2, 0.2], [0.0, 0.0, 0.3, 0.3]],
+                          [[-0.1, -0.1, 0.4, 0.3], [0.1, 0.6, 0.5, 0.3], [0.6, 0.1, 0.3, 0.3]]])
+    cut = boxes.clone()
+    cut[0, 0], cut[1, 0] = torch.tensor([0.2, 0.0, 0.3, 0.1]), torch.tensor([0.0, 0.0, 0.3, 0.2])
+    labels, box_mask = torch.randint(0, 6, (B, N), generator=gen), torch.ones(B, N, dtype=torch.bool)
+    assert torch.equal(box_regions(boxes, box_mask, 8, 8), box_regions(cut, box_mask, 8, 8))
+    out = {}
+    for impl in ("window", "masked"):
+        unet = tiny_unet(layout_attn_impl=impl)
+        out[impl] = unet(x, t, text, boxes, labels, box_mask)
+        torch.testing.assert_close(out[impl], unet(x, t, text, cut, labels, box_mask), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[impl][1:], unet(x[1:], t[1:], text[1:], boxes[1:], labels[1:]),
+                                   atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["window"], out["masked"], atol=1e-5, rtol=1e-5)
+
+
+def test_segmentation_mask_not_a_multiple_of_the_map_is_an_error():
+    unet = tiny_unet("segmentation")
+    x, t = torch.randn(1, 4, 16, 16), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"seg_mask: expected a square mask whose size is a multiple of the "
+                                         r"16x16 layout map, got \(60, 60\)"):
+        unet(x, t, torch.randn(1, 5, 16), seg_mask=torch.zeros(1, 60, 60, dtype=torch.long))
+
+
 def test_box_coords_are_exact_inside_the_box():
     """box_coord_features: the cell centre's position in the EXACT box, not in its whole-cell cover:
     two boxes covering the same cells but shifted by half a cell get different features."""
