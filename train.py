@@ -531,7 +531,15 @@ def main(argv=None):
         if tc.init_from and ckpt is None:  # every rank loads the same file; a resume brings its own weights
             if not foundation["unet"]:
                 raise UserError(f"{tc.init_from}: train.init_from holds no UNet weights")
-            log(f"UNet initialised from {tc.init_from}:\n{foundation_to_layout_unet(unet, foundation['unet'])}")
+            report = foundation_to_layout_unet(unet, foundation["unet"])
+            # what the file leaves at init must be LayoutDiffuse's own parts: a foundation layer left
+            # random (a file of another layout placement, say) would train on, or stay frozen, unseen
+            left = sorted(set(report.new) - set(unet.layout_parameter_names()))
+            if left:
+                raise UserError(f"{tc.init_from}: holds no weights for {len(left)} foundation tensors of this UNet "
+                                f"(first: {left[0]}); does it fit the model section (model.layout_resolutions, "
+                                f"channels)?")
+            log(f"UNet initialised from {tc.init_from}:\n{report}")
         del foundation  # a full SD checkpoint is gigabytes
         if tc.trainable == "layout":
             freeze_foundation(unet)

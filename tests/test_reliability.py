@@ -199,6 +199,19 @@ def test_fp16_resume_of_an_fp32_run_stops_at_nonfinite_losses(run_copy, capsys, 
     assert path.read_bytes() == before
 
 
+def test_init_from_a_unet_of_another_layout_placement_is_a_user_error(tiny_run, tmp_path, capsys, one_thread):
+    """train.init_from must give every foundation layer a tensor: a layout UNet trained with layout
+    blocks at other levels would leave layers after them at random init (and frozen, with
+    train.trainable=layout), which only a log line said."""
+    out = tmp_path / "run"
+    err = exits_2(train_cli, ["--preset", "tiny", f"--train.out_dir={out}", f"--train.init_from={tiny_run / 'last.pt'}",
+                              "--model.layout_resolutions=[1]"], capsys)
+    assert re.fullmatch(rf"error: {re.escape(str(tiny_run / 'last.pt'))}: holds no weights for \d+ foundation tensors "
+                        rf"of this UNet \(first: \S+\); does it fit the model section \(model.layout_resolutions, "
+                        rf"channels\)\?\n", err), err
+    assert not (out / "last.pt").exists()
+
+
 def test_resume_uses_the_autoencoder_of_its_checkpoint(run_copy, capsys, one_thread):
     """A from-scratch run resumed without its autoencoder.pt: the checkpoint's autoencoder (the one the
     UNet trained on) is used, not a new one trained: the latent cache, keyed by its weights, is read."""
