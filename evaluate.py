@@ -46,12 +46,43 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageMode
 
 from config import UserError, read_class_names, run_cli
 from dataset import (COLOURS, SHAPES, SHAPES_CLASSES, SPLITS, box_to_pixels, draw_shape, load_layouts,
                      make_shapes_layout, render_shapes, save_layouts)
 from inception import FID_IMAGE_SIZE, FIDInception, load_fid_inception
+
+# -----------------------------------------------------------------------------
+# image files, as every score reads them
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open an image file, reading only its header (the pixels are decoded on first use).
+
+    Raises UserError when it is not an image, or when its values are not 8-bit (modes I;16, I,
+    F): converted to RGB, PIL clips them to 255, so a 16-bit image would score as nearly white."""
+    try:
+        image = Image.open(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the image ({e})") from None
+    if ImageMode.getmode(image.mode).typestr not in ("|u1", "|b1"):  # bytes, or bits for mode 1
+        image.close()
+        raise UserError(f"{path}: mode {image.mode} image, expected 8 bits per channel (save it as 8-bit RGB)")
+    return image
+
+
+def read_rgb(path: Path, colour: bool = False) -> np.ndarray:
+    """An image file as uint8 (H, W, 3) RGB. colour=True refuses single-channel images (modes 1,
+    L, LA), whose grey has none of the colours a score may judge."""
+    with open_image(path) as image:
+        if colour and Image.getmodebase(image.mode) == "L":
+            raise UserError(f"{path}: single-channel (mode {image.mode}) image, expected an RGB sample (as sample.py "
+                            "writes): the score judges colours")
+        try:
+            return np.asarray(image.convert("RGB"))
+        except (OSError, ValueError) as e:  # a header that reads, pixels that do not (a truncated file)
+            raise UserError(f"{path}: cannot read the image ({e})") from None
 
 # -----------------------------------------------------------------------------
 # shapes layout fidelity
@@ -142,6 +173,8 @@ def heldout_layouts(n: int, seed: int = 0, non_overlapping: bool = True, image_s
 
 def cmd_heldout(args: argparse.Namespace) -> None:
     """Write held-out layouts as a layout file, and optionally their ground-truth renders."""
+    if args.image_size < 1:
+        raise UserError(f"--image-size must be at least 1, got {args.image_size}")
     layouts = heldout_layouts(args.n, args.seed, not args.allow_overlap, args.image_size)
     save_layouts(args.out, layouts, SHAPES_CLASSES)
     print(f"wrote {args.out}: {len(layouts)} layouts, {sum(len(l['objects']) for l in layouts)} boxes")
@@ -159,11 +192,18 @@ def cmd_shapes(args: argparse.Namespace) -> dict:
     """Score the samples in a folder against the layout file they were drawn from."""
     layouts = load_layouts(args.layouts, SHAPES_CLASSES, args.max_objects)
     # sample.py writes one image per layout, in file order
-    paths = [Path(args.samples) / f"{i:04d}.png" for i in range(len(layouts))]
+    folder = Path(args.samples)
+    paths = [folder / f"{i:04d}.png" for i in range(len(layouts))]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:  # scoring a partial folder would silently mis-pair images and layouts
         raise UserError(f"{len(missing)} of {len(paths)} sample images missing, first: {missing[0]}")
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    # and more images than layouts: the samples of another (longer) layout file
+    extra = sorted((p for p in folder.glob("*.png") if p.stem.isdigit() and int(p.stem) >= len(layouts)),
+                   key=lambda p: int(p.stem))
+    if extra:
+        raise UserError(f"{folder}: {len(extra)} sample images past the {len(layouts)} layouts of {args.layouts}, "
+                        f"first: {extra[0].name}")
+    images = [read_rgb(p, colour=True) for p in paths]
     scores = score_layouts(images, layouts)
     print(json.dumps(scores, indent=1))
     if args.json:
@@ -193,11 +233,7 @@ def list_images(folder: str | Path) -> list[Path]:
 def load_fid_image(path: Path) -> torch.Tensor:
     """An image file as RGB (3, 299, 299) float in [0, 1]: bilinear resize, no antialiasing, as
     pytorch-fid does on the batch (done here per image, so a folder may mix sizes)."""
-    try:
-        image = Image.open(path).convert("RGB")
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read the image ({e})") from None
-    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(255)  # (3, H, W)
+    x = torch.from_numpy(read_rgb(path).copy()).permute(2, 0, 1).float().div(255)  # (3, H, W)
     return F.interpolate(x[None], size=(FID_IMAGE_SIZE, FID_IMAGE_SIZE), mode="bilinear", align_corners=False)[0]
 
 
@@ -236,6 +272,8 @@ def cmd_fid(args: argparse.Namespace) -> dict:
     # several folders pool their images (sample.py --data --repeats R: --fake OUT/samples/r*)
     real = [p for folder in args.real for p in list_images(folder)]  # check both before the slow part
     fake = [p for folder in args.fake for p in list_images(folder)]
+    for path in real + fake:  # headers only: a bad fake image is not found after all the real features
+        open_image(path).close()
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
@@ -365,6 +403,8 @@ def cmd_layout_ap(args: argparse.Namespace) -> dict:
         class_names = read_class_names(args.class_names)  # as train.py, sample.py and weights.py read them
     if not 0 < args.iou < 1:
         raise UserError(f"--iou must lie in (0, 1), got {args.iou}")
+    if args.image_size < 1:  # the layout boxes would have no area, and every AP be 0
+        raise UserError(f"--image-size must be at least 1, got {args.image_size}")
     # no limit on objects: the layouts were checked when sampled, here they are only read back
     layouts = load_layouts(args.layouts, class_names, max_objects=sys.maxsize)
     detections = load_detections(args.detections, len(layouts), class_names)

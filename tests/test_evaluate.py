@@ -110,6 +110,46 @@ def test_cli_heldout_then_shapes_scores_ground_truth(tmp_path):
         args.func(args)
 
 
+def _shapes_folder(tmp_path, n_layouts, n_samples):
+    """A layout file of n_layouts held-out layouts and a folder of n_samples of their renders
+    (32x32, sample.py's names). Returns (samples folder, layout file)."""
+    layouts = heldout_layouts(max(n_layouts, n_samples), seed=0)
+    save_layouts(tmp_path / "layouts.json", layouts[:n_layouts], SHAPES_CLASSES)
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i in range(n_samples):
+        render_shapes(layouts[i], 32, np.random.default_rng(i)).save(samples / f"{i:04d}.png")
+    return samples, tmp_path / "layouts.json"
+
+
+def test_shapes_more_samples_than_layouts_is_an_error(tmp_path):
+    # the samples of a longer layout file: scoring the first ones only would hide the mismatch
+    samples, layouts = _shapes_folder(tmp_path, 2, 4)
+    Image.new("RGB", (32, 32)).save(samples / "0000_boxes.png")  # sample.py's overlays do not count
+    args = parse_args(["shapes", "--samples", str(samples), "--layouts", str(layouts)])
+    with pytest.raises(UserError) as error:
+        args.func(args)
+    assert str(error.value) == f"{samples}: 2 sample images past the 2 layouts of {layouts}, first: 0002.png"
+    (samples / "0002.png").unlink(), (samples / "0003.png").unlink()
+    assert args.func(args)["n_boxes"] > 0
+
+
+@pytest.mark.parametrize("mode, message", [("I;16", "mode I;16"), ("L", "single-channel (mode L)"),
+                                           ("LA", "single-channel (mode LA)")])
+def test_sixteen_bit_and_gray_samples_are_refused(tmp_path, mode, message):
+    # a 16-bit sample reads as almost white, a grey one has no colours to judge: both scored 0 silently
+    samples, layouts = _shapes_folder(tmp_path, 2, 2)
+    image = Image.open(samples / "0001.png").convert("L")
+    if mode == "I;16":
+        image = Image.fromarray(np.asarray(image).astype(np.uint16) * 257)
+    image.convert(mode).save(samples / "0001.png")
+    assert Image.open(samples / "0001.png").mode == mode
+    args = parse_args(["shapes", "--samples", str(samples), "--layouts", str(layouts)])
+    with pytest.raises(UserError) as error:
+        args.func(args)
+    assert str(error.value).startswith(f"{samples / '0001.png'}: {message} image")
+
+
 def test_score_accepts_pil_and_array_of_other_sizes():
     layout = {"caption": None, "objects": [(10, (0.1, 0.1, 0.4, 0.4))]}
     image = render_shapes(layout, 128, np.random.default_rng(0))
@@ -284,6 +324,26 @@ def test_fid_command_refuses_missing_and_tiny_folders(tmp_path, capsys):
         cli(["fid", "--real", str(tmp_path / "two"), "--fake", str(tmp_path / "two"), "--inception", "x.pth"])
     assert "x.pth: Inception weights not found" in capsys.readouterr().err
 
+@pytest.mark.parametrize("name, dtype, message", [("0001.png", None, "cannot read the image"),
+                                                  ("0001.png", np.uint16, "mode I;16"),
+                                                  ("0001.tif", np.int32, "mode I"), ("0001.tif", np.float32, "mode F")])
+def test_fid_checks_every_image_before_the_slow_part(tmp_path, capsys, name, dtype, message):
+    # an unreadable, 16-bit or float fake image is reported before the model loads (x.pth does not
+    # exist) and before the real folder's features; PIL would clip 16-bit and float values to 255
+    _write_images(tmp_path / "real", 2, (16, 16), 0)
+    _write_images(tmp_path / "fake", 1, (16, 16), 1)
+    bad = tmp_path / "fake" / name
+    if dtype is None:
+        bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    else:
+        Image.fromarray(np.full((16, 16), 40000, dtype=dtype)).save(bad)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["fid", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--inception", "x.pth"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and f"{bad}: {message}" in err
+    with pytest.raises(UserError, match=f"{bad}: {message}"):  # reading it for its features refuses it too
+        evaluate.load_fid_image(bad)
+
 # -----------------------------------------------------------------------------
 # layout AP through pycocotools, on cases whose AP is known exactly
 
@@ -375,6 +435,21 @@ def test_layout_ap_rejects_malformed_detections(tmp_path, capsys, content, messa
              "--class-names", str(names)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and f"{det}: " in err and message in err
+
+
+@pytest.mark.parametrize("command", ["layout-ap", "heldout"])
+@pytest.mark.parametrize("size", ["0", "-64"])
+def test_image_size_must_be_positive(tmp_path, capsys, command, size):
+    # layout-ap: the ground-truth boxes would have no area and every AP be 0; heldout: no pixels
+    layouts, det = tmp_path / "layouts.json", tmp_path / "det.json"
+    save_layouts(layouts, AP_LAYOUTS[:1], SHAPES_CLASSES)
+    det.write_text(_detections_json())
+    argv = {"layout-ap": ["layout-ap", "--layouts", str(layouts), "--detections", str(det)],
+            "heldout": ["heldout", "--n", "2", "--out", str(tmp_path / "heldout.json")]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        cli(argv + ["--image-size", size])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and f"--image-size must be at least 1, got {size}" in err
 
 
 def test_layout_ap_without_pycocotools_says_how_to_install(monkeypatch):
