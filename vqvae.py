@@ -49,10 +49,33 @@ class AutoencoderConfig:
         """Image side / latent side: each level but the last halves, plus space_to_depth."""
         return self.space_to_depth * 2 ** (len(self.ch_mult) - 1)
 
+    def __post_init__(self):  # config.load_config turns these into one-line errors
+        if self.kind not in AUTOENCODER_KINDS:
+            raise ValueError(f"autoencoder.kind={self.kind!r}, expected one of {AUTOENCODER_KINDS}")
+        if self.double_z != (self.kind == "kl"):  # the KL encoder predicts mean and logvar, the VQ one a single map
+            raise ValueError(f"autoencoder.double_z={self.double_z}, expected {self.kind == 'kl'} for "
+                             f"autoencoder.kind={self.kind!r}")
+
+
+AUTOENCODER_KINDS = ("kl", "vq")
+DDCONFIG_FIELDS = {"ch": int, "ch_mult": list, "num_res_blocks": int, "attn_resolutions": list, "in_channels": int,
+                   "out_ch": int, "z_channels": int, "double_z": bool, "resolution": int}
+
 
 def _config_from_original(args: dict, kind: str, scale_factor: float) -> AutoencoderConfig:
-    """Map the original's {embed_dim, n_embed, ddconfig, lossconfig} kwargs onto our config."""
-    dd = args["ddconfig"]
+    """Map the original's {embed_dim, n_embed, ddconfig, lossconfig} kwargs onto our config.
+    A missing field, one of another type, or a double_z of the other kind is a ValueError naming it."""
+    dd = args.get("ddconfig")
+    if not isinstance(dd, dict):
+        raise ValueError(f"missing field ddconfig (an object), got {type(dd).__name__}")
+    missing = [f"ddconfig.{k}" for k in DDCONFIG_FIELDS if k not in dd] + [k for k in ("embed_dim",) if k not in args]
+    if missing:
+        raise ValueError(f"missing field {missing[0]}")
+    for k, tp in DDCONFIG_FIELDS.items():
+        if not isinstance(dd[k], tp) or (tp is int and isinstance(dd[k], bool)):
+            raise ValueError(f"ddconfig.{k}={dd[k]!r}, expected {tp.__name__}")
+    if dd["double_z"] != (kind == "kl"):
+        raise ValueError(f"ddconfig.double_z={dd['double_z']}, expected {kind == 'kl'} for a {kind.upper()} autoencoder")
     # lossconfig only matters for training with a discriminator; we never rebuild it
     return AutoencoderConfig(
         kind=kind, ch=dd["ch"], ch_mult=list(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
@@ -284,7 +307,8 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
-        assert cfg.double_z, "the KL autoencoder predicts mean and logvar, so double_z must be True"
+        if not cfg.double_z:
+            raise ValueError("autoencoder.double_z=False, expected True: the KL autoencoder predicts mean and logvar")
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
@@ -377,7 +401,8 @@ class VQModel(nn.Module):
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
-        assert not cfg.double_z, "the VQ autoencoder's encoder predicts a single map"
+        if cfg.double_z:
+            raise ValueError("autoencoder.double_z=True, expected False: the VQ autoencoder's encoder predicts a single map")
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
@@ -427,8 +452,8 @@ AUTOENCODERS = {"kl": AutoencoderKL, "vq": VQModel}
 
 def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
     """AutoencoderKL or VQModel, chosen by cfg.kind."""
-    if cfg.kind not in AUTOENCODERS:
-        raise ValueError(f"unknown autoencoder kind {cfg.kind!r}, expected one of {list(AUTOENCODERS)}")
+    if cfg.kind not in AUTOENCODERS:  # a config changed after it was built (__post_init__ checks the rest)
+        raise ValueError(f"autoencoder.kind={cfg.kind!r}, expected one of {AUTOENCODER_KINDS}")
     return AUTOENCODERS[cfg.kind](cfg)
 
 

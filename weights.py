@@ -27,6 +27,7 @@ Lightning pickles: pass --allow-pickle only for files you trust (unpickling can 
 """
 import argparse
 import json
+import math
 import pickle
 import re
 import zipfile
@@ -56,12 +57,19 @@ def read_file(path, allow_pickle: bool = False):
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: file not found")
+    if path.is_dir():  # a diffusers-style model folder, say
+        raise UserError(f"{path}: a folder, not a checkpoint file")
     if path.suffix == ".safetensors":
         try:
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
         except ImportError:
             raise UserError(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)") from None
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as e:  # truncated or foreign files, no permission
+            detail = (str(e).splitlines() or [""])[0][:200]
+            raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {detail})") from None
     try:
         # memory-mapped where the format allows (torch.save's zip, not the legacy pickle): tensors are
         # read from the file as they are used (an SD checkpoint's EMA copy never), and the ranks of a
@@ -211,15 +219,17 @@ def foundation_slots(unet: LayoutUNet) -> dict[str, str]:
     return slots
 
 
-def foundation_to_layout_unet(unet: LayoutUNet, foundation_sd: dict) -> LoadReport:
+def foundation_to_layout_unet(unet: LayoutUNet, foundation_sd: dict, where=None, hint: str = "") -> LoadReport:
     """Load a foundation UNet state dict (original names; SD1.x 1x1-conv or SD2.x Linear proj_in/out)
     into a layout UNet. Layers after a layout block move one slot (foundation_slots); what only
     LayoutDiffuse has stays at its initial values. A file that already holds layout parameters
     (a released or our own layout UNet) loads name for name, without the shift. A model on the
     meta device takes the file's tensors (assign=True, no second copy); what the file lacks stays
     on meta there (for key checks and conversion).
-    A tensor whose shape fits neither way is a UserError naming its key."""
+    A tensor whose shape fits neither way is a UserError naming `where` (the file), its key, and
+    ending with `hint` (which options chose the model, say)."""
     own = unet.state_dict()
+    prefix = f"{where}: " if where else ""
     layout = set(unet.layout_parameter_names())
     aliases = {k: v for k, v in foundation_sd.items() if k.endswith(CLASS_TABLE_ALIAS)}
     names = {k: original_key_to_ours(k) for k in foundation_sd if k not in aliases}
@@ -238,14 +248,14 @@ def foundation_to_layout_unet(unet: LayoutUNet, foundation_sd: dict) -> LoadRepo
         value, target = foundation_sd[key], own[name]
         if value.shape != target.shape:
             if value.numel() != target.numel() or value.squeeze().shape != target.squeeze().shape:
-                raise UserError(f"{key}: shape {tuple(value.shape)} in the file, the model's {name} "
-                                f"is {tuple(target.shape)}")
+                raise UserError(f"{prefix}{key}: shape {tuple(value.shape)} in the file, the model's {name} "
+                                f"is {tuple(target.shape)}{hint}")
             value = value.reshape(target.shape)  # a 1x1 conv / Conv1d weight -> our Linear weight
         out[name] = value.to(target.dtype) if target.is_floating_point() else value
     table = out.get("cls_embedder.weight")
     for key, value in aliases.items():  # every copy of the shared class table must agree
         if table is not None and not value.is_meta and not torch.equal(value.to(table.dtype), table):
-            raise UserError(f"{key}: this alias of the shared class table differs from cls_embedder.class_embedder.weight")
+            raise UserError(f"{prefix}{key}: this alias of the shared class table differs from cls_embedder.class_embedder.weight")
     report.loaded = list(out)
     report.new = [k for k in own if k not in out]
     assign = any(p.is_meta for p in unet.parameters())  # a meta model can only take the tensors themselves
@@ -256,40 +266,58 @@ def foundation_to_layout_unet(unet: LayoutUNet, foundation_sd: dict) -> LoadRepo
 # -----------------------------------------------------------------------------
 # released LayoutDiffuse checkpoints -> our modules (sample.py --preset, and the converter)
 
+def shortest_decimal(x: torch.Tensor) -> float:
+    """The shortest decimal that rounds to the 0-d tensor x in its own dtype: the linear_start 0.00085
+    an fp16 file holds as 0.0008502, or float32 as 0.00085000003, is 0.00085 again."""
+    if x.dtype == torch.float64:  # the schedule's buffers are float32 (here and in the original): more digits are noise
+        x = x.float()
+    for digits in range(1, 10):
+        value = float(f"{x.item():.{digits}g}")
+        if torch.tensor(value, dtype=x.dtype) == x:
+            return value
+    return x.item()
+
+
 def check_schedule(schedule: dict, dc, where):
     """Set the linear schedule of `dc` (DiffusionConfig) from a released file's buffers and check
     that all of them are that schedule (LDM "linear": betas[0] and betas[-1] are linear_start and
-    linear_end). Buffers on the meta device (key checks) are skipped."""
+    linear_end), each to the precision of its dtype (fp16 files). Buffers on the meta device (key
+    checks) are skipped."""
     from diffusion import Diffusion
     betas = schedule.get("betas")
     if betas is None or betas.is_meta:
         return
+    if betas.ndim != 1 or len(betas) < 2:
+        raise UserError(f"{where}: schedule buffer betas has shape {tuple(betas.shape)}, expected one value per timestep")
     dc.schedule, dc.n_timestep = "linear", len(betas)
-    dc.linear_start, dc.linear_end = round(betas[0].item(), 8), round(betas[-1].item(), 8)
+    dc.linear_start, dc.linear_end = shortest_decimal(betas[0]), shortest_decimal(betas[-1])
     ours = Diffusion(dc)
     for k, v in schedule.items():
-        if not torch.allclose(v.float(), getattr(ours, k), rtol=1e-4, atol=1e-7):
+        rtol = max(1e-4, 4 * torch.finfo(v.dtype).eps) if v.is_floating_point() else 1e-4
+        if v.shape != getattr(ours, k).shape or not torch.allclose(v.float(), getattr(ours, k), rtol=rtol, atol=1e-7):
             raise UserError(f"{where}: schedule buffer {k} is not the linear schedule "
                             f"{dc.linear_start} -> {dc.linear_end} of diffusion.py")
 
 
-def released_modules(parts: dict, cfg: dict, where, materialize: bool = True) -> tuple:
+def released_modules(parts: dict, cfg: dict, where, materialize: bool = True, hints: dict | None = None) -> tuple:
     """(layout UNet, autoencoder, load report) of `cfg` holding a released checkpoint's parts (released_to_ours):
     every tensor used, nothing missing, or a UserError naming the first that does not fit. The class
     count follows the file's class table and the noise schedule its buffers (both written into cfg).
     The UNet is built on the meta device and takes the file's tensors (no second copy); the
-    autoencoder is real when `materialize`, else only its keys and shapes are checked."""
+    autoencoder is real when `materialize`, else only its keys and shapes are checked. `hints` names the
+    options that chose each model ({"unet": "--preset", "autoencoder": "--preset"}) for the errors."""
     from vqvae import build_autoencoder
+    hint = {part: f" (wrong {options}?)" for part, options in (hints or {}).items()}
     table = parts["unet"].get("cls_embedder.class_embedder.weight")
     if table is not None:  # the original's COCO models: 181 classes ('wood', index 181, was their null token)
         cfg["model"].num_classes = table.shape[0] - 1
     with torch.device("meta"):
         unet = LayoutUNet(cfg["model"])
-    report = foundation_to_layout_unet(unet, parts["unet"])
+    report = foundation_to_layout_unet(unet, parts["unet"], where, hint.get("unet", ""))
     if report.new or report.unused:
         what = f"missing {report.new[0]}" if report.new else f"unexpected {report.unused[0]}"
         raise UserError(f"{where}: the UNet weights do not fit this config ({what}; "
-                        f"{len(report.new)} missing, {len(report.unused)} unexpected)")
+                        f"{len(report.new)} missing, {len(report.unused)} unexpected){hint.get('unet', '')}")
     if materialize:
         ae = build_autoencoder(cfg["autoencoder"])
         ae_sd = {k: v.float() for k, v in parts["autoencoder"].items()}
@@ -300,7 +328,8 @@ def released_modules(parts: dict, cfg: dict, where, materialize: bool = True) ->
     try:
         ae.load_original_state_dict(ae_sd)
     except (KeyError, ValueError) as e:
-        raise UserError(f"{where}: the autoencoder weights do not fit this config: {e.args[0]}") from None
+        raise UserError(f"{where}: the autoencoder weights do not fit this config: {e.args[0]}"
+                        f"{hint.get('autoencoder', '')}") from None
     check_schedule(parts["schedule"], cfg["diffusion"], where)
     return unet, ae, report
 
@@ -319,7 +348,24 @@ def _read_args(path: str) -> dict:
         args = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not a readable JSON file ({e})") from None
-    return args.get("constructor_args", args)
+    if isinstance(args, dict):
+        args = args.get("constructor_args", args)
+    if not isinstance(args, dict):
+        raise UserError(f"{path}: expected a JSON object (the original's constructor arguments, or a manifest "
+                        f"holding them under constructor_args), got {type(args).__name__}")
+    return args
+
+
+def _args_error(path: str, e: Exception, expected: str) -> UserError:
+    """A field of the original's arguments that is missing (KeyError) or does not fit (ValueError,
+    TypeError: say a number where a list belongs) -> one line naming the file."""
+    msg = f"missing field {e.args[0]}" if isinstance(e, KeyError) else (str(e).splitlines() or [""])[0]
+    return UserError(f"{path}: {msg} (the file should hold {expected})")
+
+
+def _same_file(a, b) -> bool:
+    """Whether two paths name one file, however spelled (../, symlinks); either may not exist yet."""
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def convert(args) -> dict:
@@ -330,21 +376,43 @@ def convert(args) -> dict:
     from config import config_to_dict
     from vqvae import AutoencoderKL, VQModel
 
+    # checked before anything is read or written: save_checkpoint's rename would replace the released file
+    if _same_file(args.output, args.input):
+        raise UserError(f"{args.output}: the output would overwrite the input checkpoint; give another path")
+    for other, what in ((args.input, "the input checkpoint"), (args.output, "the converted checkpoint")):
+        if args.text_out and _same_file(args.text_out, other):
+            raise UserError(f"--text-out {args.text_out}: would overwrite {what}; give another path")
+    if args.scale_factor is not None and not (0 < args.scale_factor < math.inf):  # nan fails too
+        raise UserError(f"--scale-factor {args.scale_factor:g}: expected a positive number (the latent scale)")
     raw = read_file(args.input, args.allow_pickle)
     parts = released_to_ours(as_state_dict(raw, args.input))
     cfg = load_config(preset=args.preset)
     if args.unet_args:  # the original's architecture instead of a preset's
         unet_args = _read_args(args.unet_args)
-        cfg["model"] = LayoutUNet.config_from_original(unet_args)
+        try:
+            cfg["model"] = LayoutUNet.config_from_original(unet_args)
+        except (KeyError, ValueError, TypeError) as e:
+            raise _args_error(args.unet_args, e, "the original's UNet arguments, or a manifest holding them "
+                                                 "under constructor_args") from None
     if args.ae_args:
         kind = "vq" if "quantize.embedding.weight" in parts["autoencoder"] else "kl"
-        scale = args.scale_factor or {"kl": 0.18215, "vq": 1.0}[kind]
-        with torch.device("meta"):
-            ae = {"kl": AutoencoderKL, "vq": VQModel}[kind].from_original(_read_args(args.ae_args), scale)
+        scale = args.scale_factor if args.scale_factor is not None else {"kl": 0.18215, "vq": 1.0}[kind]
+        try:
+            with torch.device("meta"):
+                ae = {"kl": AutoencoderKL, "vq": VQModel}[kind].from_original(_read_args(args.ae_args), scale)
+        except (ValueError, TypeError) as e:
+            raise _args_error(args.ae_args, e, f"the original's arguments of the checkpoint's {kind.upper()} "
+                                               f"autoencoder") from None
         cfg["autoencoder"] = ae.cfg
+    elif args.scale_factor is not None:  # the preset's autoencoder, at the given scale
+        cfg["autoencoder"].scale_factor = args.scale_factor
     if args.unet_args:  # the original's image_size is the latent's
-        cfg["data"].image_size = unet_args.get("image_size", 32) * cfg["autoencoder"].downsample_factor
-    unet, _, report = released_modules(parts, cfg, args.input, materialize=False)
+        size = unet_args.get("image_size", 32)
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise UserError(f"{args.unet_args}: image_size={size!r}, expected a positive integer (the latent's side)")
+        cfg["data"].image_size = size * cfg["autoencoder"].downsample_factor
+    hints = {"unet": "--preset / --unet-args", "autoencoder": "--preset / --ae-args"}
+    unet, _, report = released_modules(parts, cfg, args.input, materialize=False, hints=hints)
     n = cfg["model"].num_classes
     if args.class_names:
         names = read_class_names(args.class_names)

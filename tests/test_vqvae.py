@@ -169,3 +169,36 @@ def test_autoencoder_loss_decreases(one_thread):
     assert set(out) == {"loss", "rec", "kl"}
     # starts near 1, ends near 0.1 on this batch; demand at least a 3x drop
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) / 3, losses
+
+
+def test_config_errors_name_the_field():
+    """A kind that is no autoencoder, or a double_z of the other kind, is a ValueError naming the field
+    (load_config makes it a one-line error), also for a config changed after it was built; the original's
+    kwargs name their missing or mismatched field."""
+    from config import UserError
+    from train import load_config
+    with pytest.raises(ValueError, match=r"^autoencoder\.kind='xx', expected one of \('kl', 'vq'\)$"):
+        _tiny_cfg(kind="xx")
+    with pytest.raises(ValueError, match=r"^autoencoder\.double_z=True, expected False for autoencoder\.kind='vq'$"):
+        _tiny_cfg(kind="vq")
+    for override, field in (("--autoencoder.kind=xx", "kind"), ("--autoencoder.kind=vq", "double_z")):
+        with pytest.raises(UserError, match=rf"^config: autoencoder\.{field}="):
+            load_config(preset="tiny", overrides=[override])
+    cfg = _tiny_cfg()
+    cfg.kind = "xx"
+    with pytest.raises(ValueError, match=r"^autoencoder\.kind='xx'"):
+        build_autoencoder(cfg)
+    cfg.kind = "vq"
+    with pytest.raises(ValueError, match=r"^autoencoder\.double_z=True, expected False"):
+        build_autoencoder(cfg)
+    dd = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1], num_res_blocks=1,
+              attn_resolutions=[])
+    with pytest.raises(ValueError, match=r"^missing field ddconfig\.ch$"):
+        AutoencoderKL.from_original({"embed_dim": 4, "ddconfig": {k: v for k, v in dd.items() if k != "ch"}})
+    with pytest.raises(ValueError, match=r"^ddconfig\.ch='32', expected int$"):
+        AutoencoderKL.from_original({"embed_dim": 4, "ddconfig": {**dd, "ch": "32"}})
+    with pytest.raises(ValueError, match=r"^missing field embed_dim$"):
+        AutoencoderKL.from_original({"ddconfig": dd})
+    with pytest.raises(ValueError, match=r"^ddconfig\.double_z=True, expected False for a VQ autoencoder$"):
+        VQModel.from_original({"embed_dim": 4, "n_embed": 16, "ddconfig": dd})
+    assert AutoencoderKL.from_original({"embed_dim": 4, "ddconfig": dd}).cfg.ch == 32

@@ -10,6 +10,7 @@ the same formats with real tensors of a reduced-width model (same structure) als
 .safetensors cannot hold meta tensors, so it is checked at the reduced size only."""
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -340,6 +341,22 @@ def test_safetensors_round_trip_and_missing_package(tmp_path, monkeypatch):
         read_state_dict(path)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "directory"])
+def test_unreadable_safetensors_is_a_user_error(tmp_path, damage):
+    save_file = pytest.importorskip("safetensors.torch").save_file
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(64, 64)}, str(path))
+    data = path.read_bytes()
+    if damage == "directory":
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"hello, not a safetensors file", "empty": b""}[damage])
+    expected = "a folder, not a checkpoint file" if damage == "directory" else r"not a readable safetensors file \(\w+: .+\)"
+    with pytest.raises(UserError, match=rf"w\.safetensors: {expected}$"):
+        read_state_dict(path)
+
+
 # -----------------------------------------------------------------------------
 # the converter CLI and train.init_from
 
@@ -474,6 +491,126 @@ def test_convert_released_checkpoint_for_sample_py(tmp_path, capsys):
         weights.main(["convert", str(released), str(tmp_path / "x.pt"), "--unet-args", str(tmp_path / "unet.json"),
                       "--ae-args", str(tmp_path / "ae.json")])
     assert "schedule buffer" in capsys.readouterr().err
+
+
+def write_released(folder: Path, dtype: torch.dtype = torch.float32, schedule=(0.00085, 0.012)) -> tuple:
+    """A reduced released checkpoint (UNET_ARGS / AE_ARGS with random weights, the 12 schedule buffers,
+    every tensor stored as `dtype`) and the args files beside it -> (checkpoint path, UNet)."""
+    unet = randomize(LayoutUNet.from_original(UNET_ARGS)).eval()
+    ae = randomize(AutoencoderKL.from_original(AE_ARGS), seed=1)
+    buffers = Diffusion(DiffusionConfig(linear_start=schedule[0], linear_end=schedule[1]))
+    sd = {**{"denoise_fn." + k: v for k, v in original_layout_state_dict(unet).items()},
+          **{"vqvae_fn." + k: v for k, v in ae.state_dict().items()},
+          **{k: getattr(buffers, k) for k in SCHEDULE_KEYS}}
+    path = folder / "released.ckpt"
+    torch.save({"state_dict": {k: v.to(dtype) for k, v in sd.items()}, "global_step": 7}, path)
+    (folder / "unet.json").write_text(json.dumps({"constructor_args": UNET_ARGS}))
+    (folder / "ae.json").write_text(json.dumps(AE_ARGS))
+    return path, unet
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory) -> Path:
+    """The folder of write_released's float32 checkpoint, written once for the tests that only read it."""
+    folder = tmp_path_factory.mktemp("released")
+    write_released(folder)
+    return folder
+
+
+def convert_error(capsys, *argv) -> str:
+    """The one line that `weights.py convert ARGV` prints for a user error (exit code 2, no traceback)."""
+    with pytest.raises(SystemExit) as stop:
+        weights.main(["convert", *map(str, argv)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+VQ_ARGS = {**AE_ARGS, "n_embed": 16, "ddconfig": {**AE_ARGS["ddconfig"], "double_z": False}}
+
+
+@pytest.mark.parametrize("flag,content,expected", [
+    ("--unet-args", [1, 2], r"unet\.json: expected a JSON object .*got list"),
+    ("--ae-args", [1, 2], r"ae\.json: expected a JSON object .*got list"),
+    ("--unet-args", {"constructor_args": "x"}, r"unet\.json: expected a JSON object .*got str"),
+    ("--unet-args", {"image_size": 8}, r"unet\.json: missing field in_channels \(the file should hold the original's UNet arguments"),
+    ("--unet-args", {**UNET_ARGS, "model_channels": 30}, r"unet\.json: model\.model_channels=30, expected a multiple of 32"),
+    ("--ae-args", {"embed_dim": 4, "ddconfig": {}}, r"ae\.json: missing field ddconfig\.ch \(.*checkpoint's KL autoencoder\)"),
+    ("--ae-args", {"ddconfig": AE_ARGS["ddconfig"]}, r"ae\.json: missing field embed_dim"),
+    ("--ae-args", VQ_ARGS, r"ae\.json: ddconfig\.double_z=False, expected True for a KL autoencoder"),
+    ("--ae-args", {**AE_ARGS, "ddconfig": {**AE_ARGS["ddconfig"], "ch_mult": 2}}, r"ae\.json: ddconfig\.ch_mult=2, expected list"),
+    ("--unet-args", {**UNET_ARGS, "image_size": "8"}, r"unet\.json: image_size='8', expected a positive integer"),
+    ("--unet-args", {**UNET_ARGS, "channel_mult": 2}, r"unet\.json: .+ \(the file should hold the original's UNet arguments"),
+], ids=["unet-list", "ae-list", "manifest-str", "unet-missing", "unet-bad-value", "ae-missing", "ae-missing-embed_dim",
+        "vq-args-for-kl", "ae-wrong-type", "unet-image_size-str", "unet-wrong-type"])
+def test_convert_bad_args_files_are_one_line_errors(released, tmp_path, capsys, flag, content, expected):
+    """The original's constructor-argument files: anything but an object holding the fields the model
+    needs (or a VQ autoencoder's for a KL checkpoint) is one line naming the file and the field."""
+    bad = tmp_path / ("unet.json" if flag == "--unet-args" else "ae.json")
+    bad.write_text(json.dumps(content))
+    files = {"--unet-args": released / "unet.json", "--ae-args": released / "ae.json", flag: bad}
+    err = convert_error(capsys, released / "released.ckpt", tmp_path / "ours.pt", *[x for kv in files.items() for x in kv])
+    assert re.search(expected, err), err
+    assert not (tmp_path / "ours.pt").exists()
+
+
+def test_convert_shape_mismatch_names_the_file(released, tmp_path, capsys):
+    """A released UNet that does not fit the preset's: the file, the key, and which options chose the model."""
+    err = convert_error(capsys, released / "released.ckpt", tmp_path / "ours.pt", "--preset", "coco_sd15")
+    assert re.search(rf"^error: {re.escape(str(released / 'released.ckpt'))}: time_embed\.0\.weight: shape \(128, 32\) "
+                     r"in the file, the model's time_embed\.0\.weight is \(1280, 320\) \(wrong --preset / --unet-args\?\)$", err), err
+    with torch.device("meta"):
+        unet = LayoutUNet.from_original(UNET_ARGS)
+    with pytest.raises(UserError, match=r"^unet\.ckpt: time_embed\.0\.weight: shape \(3, 32\)"):
+        foundation_to_layout_unet(unet, {"time_embed.0.weight": torch.zeros(3, 32)}, where="unet.ckpt")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp16_released_checkpoint_converts(tmp_path, capsys, dtype):
+    """Released checkpoints saved in half precision, schedule buffers included: the buffers are checked
+    to their dtype's precision and the schedule recorded without its rounding (0.00085, not 0.0008502)."""
+    import sample
+    path, unet = write_released(tmp_path, dtype)
+    weights.main(["convert", str(path), str(tmp_path / "ours.pt"), "--unet-args", str(tmp_path / "unet.json"),
+                  "--ae-args", str(tmp_path / "ae.json")])
+    assert "schedule 12 checked" in capsys.readouterr().out
+    unet2, _, diffusion, cfg, _, _ = sample.load_model(str(tmp_path / "ours.pt"), "cpu")
+    assert (cfg["diffusion"].linear_start, cfg["diffusion"].linear_end) == (0.00085, 0.012)
+    assert unet2.time_embed[0].weight.dtype == torch.float32
+    with torch.no_grad():  # the UNet of the file's (rounded) weights
+        for p in unet.parameters():
+            p.copy_(p.to(dtype))
+        inputs = layout_inputs()
+        torch.testing.assert_close(unet2(**inputs), unet(**inputs), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_convert_scale_factor_must_be_positive(released, tmp_path, capsys, value):
+    err = convert_error(capsys, released / "released.ckpt", tmp_path / "ours.pt", "--unet-args", released / "unet.json",
+                        "--ae-args", released / "ae.json", "--scale-factor", value)
+    assert f"--scale-factor {value}: expected a positive number" in err, err
+
+
+def test_convert_scale_factor_is_used(released, tmp_path):
+    for extra, expected in (([], 0.18215), (["--scale-factor", "0.5"], 0.5)):
+        ckpt = weights.main(["convert", str(released / "released.ckpt"), str(tmp_path / "ours.pt"), "--unet-args",
+                             str(released / "unet.json"), "--ae-args", str(released / "ae.json"), *extra])
+        assert ckpt["config"]["autoencoder"]["scale_factor"] == expected
+
+
+def test_convert_refuses_to_overwrite_its_input(tmp_path, capsys):
+    """The output (or --text-out) naming the input file, however spelled, is refused before anything
+    is written: the released checkpoint stays as it was."""
+    path, _ = write_released(tmp_path)
+    before = path.read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.ckpt").symlink_to(path)
+    args = ["--unet-args", tmp_path / "unet.json", "--ae-args", tmp_path / "ae.json"]
+    for output, extra in ((path, []), (tmp_path / "sub" / ".." / "released.ckpt", []), (tmp_path / "link.ckpt", []),
+                          (tmp_path / "ours.pt", ["--text-out", path]), (tmp_path / "ours.pt", ["--text-out", tmp_path / "ours.pt"])):
+        err = convert_error(capsys, path, output, *args, *extra)
+        assert "would overwrite" in err, err
+        assert path.read_bytes() == before and not (tmp_path / "ours.pt").exists()
 
 
 def test_train_init_from_foundation(tmp_path, run_cli):
