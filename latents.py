@@ -77,9 +77,14 @@ def load_autoencoder(cfg: dict, path: str, allow_pickle: bool = False, state: di
     if state is None:
         obj = read_file(path, allow_pickle)
         if isinstance(obj, dict) and "autoencoder_config" in obj:
-            cfg["autoencoder"] = AutoencoderConfig(**obj["autoencoder_config"])
-            ae = build_autoencoder(cfg["autoencoder"])
-            ae.load_state_dict(obj["autoencoder"])
+            try:  # our own file: its config, then its weights
+                cfg["autoencoder"] = AutoencoderConfig(**obj["autoencoder_config"])
+                ae = build_autoencoder(cfg["autoencoder"])
+                ae.load_state_dict(obj["autoencoder"])
+            except (TypeError, ValueError, KeyError, RuntimeError) as e:
+                detail = (str(e).splitlines() or [""])[0][:200]
+                raise UserError(f"{path}: not a usable autoencoder checkpoint "
+                                f"({type(e).__name__}: {detail})") from None
             return ae
         state = foundation_parts(as_state_dict(obj, path), path).get("autoencoder")
         if not state:

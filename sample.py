@@ -124,7 +124,7 @@ def load_model(ckpt_path: str, device, use_ema: bool = True, preset: str | None 
                             f"e.g. --preset coco_sd15 (see presets/)")
         cfg = load_config(preset=preset)
         parts = released_to_ours(as_state_dict(ckpt, ckpt_path))
-        unet, ae, _ = released_modules(parts, cfg, ckpt_path)
+        unet, ae, _ = released_modules(parts, cfg, ckpt_path, hints={"unet": "--preset", "autoencoder": "--preset"})
         class_names = fit_class_names(read_class_names(cfg["train"].class_names) if cfg["train"].class_names else [],
                                       cfg["model"].num_classes)
         if parts["text"] and cfg["text"].kind == "none":

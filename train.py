@@ -531,7 +531,8 @@ def main(argv=None):
         if tc.init_from and ckpt is None:  # every rank loads the same file; a resume brings its own weights
             if not foundation["unet"]:
                 raise UserError(f"{tc.init_from}: train.init_from holds no UNet weights")
-            report = foundation_to_layout_unet(unet, foundation["unet"])
+            report = foundation_to_layout_unet(unet, foundation["unet"], tc.init_from,
+                                               " (does train.init_from fit the model section?)")
             # what the file leaves at init must be LayoutDiffuse's own parts: a foundation layer left
             # random (a file of another layout placement, say) would train on, or stay frozen, unseen
             left = sorted(set(report.new) - set(unet.layout_parameter_names()))
