@@ -175,6 +175,8 @@ def cmd_heldout(args: argparse.Namespace) -> None:
     """Write held-out layouts as a layout file, and optionally their ground-truth renders."""
     if args.image_size < 1:
         raise UserError(f"--image-size must be at least 1, got {args.image_size}")
+    if args.n < 1:  # an empty layout file: the shapes score of its samples would be nan
+        raise UserError(f"--n must be at least 1, got {args.n}")
     layouts = heldout_layouts(args.n, args.seed, not args.allow_overlap, args.image_size)
     save_layouts(args.out, layouts, SHAPES_CLASSES)
     print(f"wrote {args.out}: {len(layouts)} layouts, {sum(len(l['objects']) for l in layouts)} boxes")

@@ -452,6 +452,15 @@ def test_image_size_must_be_positive(tmp_path, capsys, command, size):
     assert exit_info.value.code == 2 and err.count("\n") == 1 and f"--image-size must be at least 1, got {size}" in err
 
 
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_heldout_needs_at_least_one_layout(tmp_path, capsys, n):
+    out = tmp_path / "heldout.json"  # an empty file would give the shapes score nan
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["heldout", "--n", n, "--out", str(out)])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: --n must be at least 1, got {n}\n"
+    assert not out.exists()
+
+
 def test_layout_ap_without_pycocotools_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "pycocotools", None)  # makes the import fail
     monkeypatch.setitem(sys.modules, "pycocotools.coco", None)
