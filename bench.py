@@ -94,6 +94,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import model
 import train
+from config import error_summary
 from diffusion import Diffusion, DiffusionConfig
 from latents import posterior
 from model import LayoutAttention, LayoutUNet, ModelConfig, box_regions, box_windows, layout_raster
@@ -1098,8 +1099,7 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001 (reported: a row, the traceback, the exit status)
             traceback.print_exc()
             failed.append(sec)
-            first_line = (str(e).strip().splitlines() or [""])[0][:160]
-            emit(args, sec[0], f"FAILED ({sec}): {type(e).__name__}: {first_line}")
+            emit(args, sec[0], f"FAILED ({sec}): {error_summary(e)}")
             if env:
                 env["unet"].train()
                 env["opt"].zero_grad(set_to_none=True)

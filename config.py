@@ -27,6 +27,12 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2 (a traceback only with --debug)."""
 
 
+def error_summary(e: BaseException, empty: str = "") -> str:
+    """An exception as "Type: its first line", cut to 200 characters, for a one-line error message
+    (`empty` stands in for a message-less one: an empty file's EOFError)."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [empty])[0][:200]}"
+
+
 # -----------------------------------------------------------------------------
 # config: config.yaml -> preset -> --section.key=value overrides -> one dataclass per section
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import UserError
+from config import UserError, error_summary
 
 FID_IMAGE_SIZE = 299  # the Inception's input size
 
@@ -181,7 +181,7 @@ def load_fid_inception(path: str | Path) -> FIDInception:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling fails in many ways (EOFError, UnpicklingError, RuntimeError, ...)
-        raise UserError(f"{path}: not a PyTorch weights file ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+        raise UserError(f"{path}: not a PyTorch weights file ({error_summary(e)})") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: expected a state dict, got {type(state).__name__}")
     with torch.device("meta"):  # shapes only: no memory, no random init for weights about to be replaced

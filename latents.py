@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from config import UserError
+from config import UserError, error_summary
 from vqvae import AutoencoderConfig, autoencoder_loss, build_autoencoder
 from weights import as_state_dict, foundation_parts, read_file
 
@@ -82,9 +82,7 @@ def load_autoencoder(cfg: dict, path: str, allow_pickle: bool = False, state: di
                 ae = build_autoencoder(cfg["autoencoder"])
                 ae.load_state_dict(obj["autoencoder"])
             except (TypeError, ValueError, KeyError, RuntimeError) as e:
-                detail = (str(e).splitlines() or [""])[0][:200]
-                raise UserError(f"{path}: not a usable autoencoder checkpoint "
-                                f"({type(e).__name__}: {detail})") from None
+                raise UserError(f"{path}: not a usable autoencoder checkpoint ({error_summary(e)})") from None
             return ae
         state = foundation_parts(as_state_dict(obj, path), path).get("autoencoder")
         if not state:

@@ -44,7 +44,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import config
-from config import UserError, config_to_dict, read_class_names
+from config import UserError, config_to_dict, error_summary, read_class_names
 from dataset import AUTO_CAPTION, DataConfig, build_dataset, draw_layout, pil_to_tensor, tensor_to_pil
 from diffusion import Diffusion, DiffusionConfig
 from latents import (LatentDataset, SeededItems, encode_dataset, latent_cache_path, load_autoencoder, posterior,
@@ -143,23 +143,32 @@ def check_text_config(cfg: dict):
 # -----------------------------------------------------------------------------
 # checkpoints: atomic writes, loadable with weights_only=True
 
-def save_checkpoint(path: Path, state: dict):
-    """Write to a temporary file, fsync, then rename: a kill never leaves a half-written file, and
-    the previous checkpoint stays intact until the new one is complete. The temporary file is this
-    call's own (a unique name, made by mkstemp: pids repeat across the containers of a cluster): two
-    processes writing one path (two runs building a shared latent cache) never write into the same
-    file, and the last rename wins."""
-    path, tmp = Path(path), None
+@contextlib.contextmanager
+def replacing(path: Path):
+    """Yields a temporary file beside `path`, renamed over it when the body ends, removed when the body
+    fails: a kill never leaves a half-written file, and the old one stays intact until the new one is
+    complete. The temporary file is this call's own (a unique name, made by mkstemp: pids repeat
+    across the containers of a cluster): two processes writing one path (two runs building a shared
+    latent cache) never write into the same file, and the last rename wins."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, state: dict):
+    """torch.save through a temporary file (replacing), fsynced before the rename."""
+    path = Path(path)
+    try:
+        with replacing(path) as tmp, open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except Exception as e:
-        if tmp is not None:  # whatever stopped the write: no half-written .tmp left behind
-            Path(tmp).unlink(missing_ok=True)
         cause = e  # torch.save reports a failed write (a full disk) as a RuntimeError whose context is the OSError
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
@@ -170,15 +179,9 @@ def save_checkpoint(path: Path, state: dict):
 
 
 def copy_checkpoint(src: Path, dst: Path):
-    """A copy that a kill never leaves half-written (a temporary file renamed, as save_checkpoint)."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    """A copy that a kill never leaves half-written."""
+    with replacing(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: Path, mmap: bool = False) -> dict:
@@ -190,8 +193,7 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated or foreign files raise many different errors
-        detail = (str(e).splitlines() or ["an empty file?"])[0][:200]  # an empty file's EOFError says nothing
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {detail})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({error_summary(e, 'an empty file?')})") from None
 
 
 def restore_training_state(ckpt: dict, path: Path, unet, ema, opt, scaler):

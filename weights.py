@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from config import UserError, read_class_names, run_cli
+from config import UserError, error_summary, read_class_names, run_cli
 from model import LayoutAttention, LayoutUNet, original_key_to_ours
 
 FOUNDATION_PREFIXES = {"unet": "model.diffusion_model.", "autoencoder": "first_stage_model.", "text": "cond_stage_model."}
@@ -68,8 +68,7 @@ def read_file(path, allow_pickle: bool = False):
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as e:  # truncated or foreign files, no permission
-            detail = (str(e).splitlines() or [""])[0][:200]
-            raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {detail})") from None
+            raise UserError(f"{path}: not a readable safetensors file ({error_summary(e)})") from None
     try:
         # memory-mapped where the format allows (torch.save's zip, not the legacy pickle): tensors are
         # read from the file as they are used (an SD checkpoint's EMA copy never), and the ranks of a
@@ -84,8 +83,7 @@ def read_file(path, allow_pickle: bool = False):
                         f"the safe loader refuses; if you trust the file, load it with allow_pickle=True "
                         f"(--allow-pickle)") from None
     except Exception as e:  # truncated or foreign files raise many different errors
-        detail = (str(e).splitlines() or ["an empty file?"])[0][:200]  # an empty file's EOFError says nothing
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {detail})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({error_summary(e, 'an empty file?')})") from None
 
 
 def read_state_dict(path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

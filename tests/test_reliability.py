@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+import train
 from conftest import ROOT
 from model import LayoutUNet
 from sample import cli as sample_cli
@@ -277,7 +278,7 @@ def test_resume_from_a_truncated_or_missing_checkpoint(run_copy, capsys, damage)
 # a full disk, or an unwritable run folder, at checkpoint time
 
 class FullDisk(io.FileIO):
-    """A file (a path or an open descriptor) on a disk with `room` bytes left: a write past that writes what fits, then fails with
+    """A file on a disk with `room` bytes left: a write past that writes what fits, then fails with
     ENOSPC, as a write(2) on a full disk does."""
 
     def __init__(self, path, mode, room: int):
@@ -307,7 +308,7 @@ def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkey
     before = path.read_bytes()
     code = errno.EACCES if where == "open" else errno.ENOSPC
     if where == "write":  # the real torch.save, into a file on a disk that fills after 1000 bytes
-        monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(fd, mode, room=1000))
+        monkeypatch.setattr(train, "open", lambda p, mode: FullDisk(p, mode, room=1000), raising=False)
     elif where == "fsync":  # the data reached the page cache; the disk ran out when flushing it
         monkeypatch.setattr(os, "fsync", fail(code))
     elif where == "rename":
