@@ -290,7 +290,11 @@ class ByteCount(FlopCount):
         name = func._overloadpacket.__name__
         if name in NO_TRAFFIC_OPS:
             return out
+        kwargs = dict(kwargs or {})
+        kwargs.pop("out", None)  # written: counted with the outputs
         tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if name in ("baddbmm", "addmm") and kwargs.get("beta", 1) == 0:
+            tensors = tensors[1:]  # beta 0: the input is not read
         outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         if name in ("index_put", "index_put_", "_index_put_impl_", "index_add_", "index_add"):
             moved = 2 * sum(self.size(t) for t in tensors[1:])  # indices and rows: read, and rows written

@@ -479,6 +479,62 @@ def test_windowed_backward_scatters_once_whatever_the_window_lengths():
     assert ops.names.count((B * H * W, 3 * 32)) == 1, ops.names  # (the other: the prompt tokens' rows, (B*L, d))
 
 
+@pytest.mark.parametrize("attn_type", ["layout_partial_v1", "layout_partial_v2"])
+@pytest.mark.parametrize("N,H,W", [(4, 9, 7), (12, 6, 6)])  # fewer window cells than map cells; more
+def test_windowed_attention_backward_by_hand_matches_autograd(attn_type, N, H, W, monkeypatch):
+    """WindowedAttention (the windowed layout attention with its backward written out, taken where
+    every call is wide_attention's matmuls: forced here by SDPA_MAX_HEAD_DIM 0) gives the output and
+    every gradient of the autograd path, in float64; its backward concatenates nothing and fills no
+    zero (B*L, 3C) copy; without a gradient it gives the same output. On LD_TEST_DEVICE (.ci/gpu: the
+    CUDA matmuls writing into column slices)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    B, C = 3, 32
+    block = LayoutAttention(C, 8, attn_type).double()
+    block.norm = torch.nn.GroupNorm(8, C).double()  # GroupNorm32 computes in float32
+    table = torch.nn.Embedding(7, 8).double()
+    params = list(block.parameters()) + list(table.parameters())
+    for p in params:
+        p.data.normal_(0, 0.3)
+    boxes, labels, box_mask = random_layouts(B, N, gen)
+    dev = torch.device(TEST_DEVICE)
+    block.to(dev), table.to(dev)
+    x = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64).to(dev)
+    d_out = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64).to(dev)
+    labels = labels.to(dev)
+    region = box_regions(boxes, box_mask, H, W).to(dev)
+    windows = box_windows(boxes, box_mask, H, W, null_in_mean=attn_type == "layout_partial_v1", device=dev)
+    assert (windows["cells"].numel() < B * H * W) == (N == 4)
+    results = []
+    for by_hand in (False, True):
+        monkeypatch.setattr(model, "SDPA_MAX_HEAD_DIM", 0 if by_hand else 256)
+        layout = {"raster": layout_raster(region, labels, table), "region": region, **windows}
+        xi = x.clone().requires_grad_()
+        out = block(xi, layout, table)
+        with Ops() as ops:
+            out.backward(d_out)
+        results.append([out.detach(), xi.grad] + [p.grad.clone() for p in params])
+        block.zero_grad()
+        table.zero_grad()
+        with torch.no_grad():
+            torch.testing.assert_close(block(x, layout, table), out, atol=0, rtol=0)
+    # (ops: the by-hand backward's, the last of the loop)
+    assert not {"cat", "index_put", "_index_put_impl_", "new_zeros"} & set(ops.names), sorted(set(ops.names))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
+
+
 @pytest.mark.parametrize("impl,C", [("window", 32), ("masked", 32), ("window", 320), ("masked", 320)])
 @torch.no_grad()
 def test_layout_attention_is_stable_for_large_logits(impl, C):
