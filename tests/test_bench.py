@@ -101,7 +101,8 @@ def test_bench_boxes_per_image_as_the_issue_or_varied(capsys):
 
 def test_byte_count_models_reads_and_writes():
     """ByteCount: an elementwise op reads its inputs and writes its output, a broadcast input counts
-    its storage, views move nothing, an indexed accumulation only the rows it touches."""
+    its storage, views move nothing, an indexed accumulation only the rows it touches, an out=
+    tensor is written once and a GEMM's beta-0 input is not read."""
     a, b, row = torch.ones(100, 10), torch.ones(100, 10), torch.ones(10)
     with bench.ByteCount() as c:
         a + b
@@ -114,14 +115,22 @@ def test_byte_count_models_reads_and_writes():
     with bench.ByteCount() as c:
         a.index_add_(0, index, rows)
     assert c.bytes == 2 * (3 * 8 + 3 * 40)
+    m, out = torch.ones(2, 4, 4), torch.empty(2, 4, 4)  # 128 bytes each
+    with bench.ByteCount() as c:  # an out= tensor is written once; a beta-0 input is not read
+        torch.bmm(m, m, out=out)
+        torch.baddbmm(m, m, m, beta=0, alpha=0.5)
+    assert c.bytes == 2 * 3 * 128
 
 
-def test_bench_profile_writes_both_tables(tmp_path):
-    """--profile: the step's op table, then the same step with the layout blocks bypassed."""
+def test_bench_profile_writes_both_tables(tmp_path, capsys):
+    """--profile: the step's op table, then the same step with the layout blocks bypassed; and a row
+    with the difference of their device (here CPU) time."""
     bench.main(["--tiny", "--only", "a", "--profile", str(tmp_path / "p.txt")])
     text = (tmp_path / "p.txt").read_text()
     full, bypassed = text.split("the same, layout blocks bypassed (x + s)")
     assert full.startswith("one training step, batch 2") and "aten::" in full and "aten::" in bypassed
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if "time (profiler)" in line]
+    assert row.startswith("| b | layout blocks' CPU op time (profiler), 3 boxes | 2 |") and "% of the step's" in row
 
 
 def test_bench_failing_section_is_a_row_and_the_exit_status(capsys, monkeypatch):
