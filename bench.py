@@ -300,6 +300,8 @@ class ByteCount(FlopCount):
             moved = 2 * sum(self.size(t) for t in tensors[1:])  # indices and rows: read, and rows written
             if not name.endswith("_"):  # out of place: a copy of the whole tensor first
                 moved += 2 * self.size(tensors[0])
+        elif name == "index_copy_":  # indices and rows read, rows written (the old ones not read)
+            moved = self.size(tensors[1]) + 2 * self.size(tensors[2])
         elif name in ("new_zeros", "zeros", "zeros_like", "new_full", "full", "fill_", "zero_"):
             moved = sum(self.size(t) for t in (outs or tensors[:1]))
         else:

@@ -115,6 +115,9 @@ def test_byte_count_models_reads_and_writes():
     with bench.ByteCount() as c:
         a.index_add_(0, index, rows)
     assert c.bytes == 2 * (3 * 8 + 3 * 40)
+    with bench.ByteCount() as c:
+        a.index_copy_(0, index, rows)
+    assert c.bytes == 3 * 8 + 2 * 3 * 40
     m, out = torch.ones(2, 4, 4), torch.empty(2, 4, 4)  # 128 bytes each
     with bench.ByteCount() as c:  # an out= tensor is written once; a beta-0 input is not read
         torch.bmm(m, m, out=out)

@@ -345,6 +345,31 @@ def test_box_windows_weigh_each_cell_as_a_mean(null_in_mean):
         torch.testing.assert_close(weight[valid], 1 / (k[index[valid]] + null_in_mean))
 
 
+def test_box_windows_null_rows_are_the_uncovered_cells(monkeypatch):
+    """null_rows: image by image the cells no box covers, in order, then covered ones weighing 0, to a
+    common length that is a multiple of 8; only where that length is at most NULL_ROWS_MAX_FRACTION of
+    the map (and never for layout_partial_v1, whose null attention every cell uses)."""
+    gen = torch.Generator().manual_seed(7)
+    B, N, H, W = 4, 6, 9, 11
+    boxes, _, box_mask = random_layouts(B, N, gen)
+    box_mask[:] = True
+    uncovered = ~box_regions(boxes, box_mask, H, W).any(1)                 # (B, L)
+    Lu = -(-int(uncovered.sum(1).max()) // 8) * 8
+    monkeypatch.setattr(model, "NULL_ROWS_MAX_FRACTION", (Lu + 0.5) / (H * W))
+    plan = box_windows(boxes, box_mask, H, W)
+    rows, T = plan["null_rows"], plan["cells"].numel()
+    weight = plan["weights"][T + B * H * W:].view(B, -1)
+    assert rows.shape == (B, Lu) and weight.shape == (B, Lu)
+    for b in range(B):
+        cells = uncovered[b].nonzero().flatten() + b * H * W
+        n = len(cells)
+        assert rows[b, :n].tolist() == cells.tolist() and (weight[b, :n] == 1).all() and (weight[b, n:] == 0).all()
+        assert len(set(rows[b].tolist())) == Lu and not uncovered.flatten()[rows[b, n:]].any()
+    assert box_windows(boxes, box_mask, H, W, null_in_mean=True)["null_rows"] is None
+    monkeypatch.setattr(model, "NULL_ROWS_MAX_FRACTION", (Lu - 0.5) / (H * W))
+    assert box_windows(boxes, box_mask, H, W)["null_rows"] is None
+
+
 @torch.no_grad()
 def test_compiled_unet_stops_recompiling_over_new_layouts():
     """With group_windows False (what train.py and sample.py set before torch.compile) a new layout
@@ -480,13 +505,15 @@ def test_windowed_backward_scatters_once_whatever_the_window_lengths():
 
 
 @pytest.mark.parametrize("attn_type", ["layout_partial_v1", "layout_partial_v2"])
-@pytest.mark.parametrize("N,H,W", [(4, 9, 7), (12, 6, 6)])  # fewer window cells than map cells; more
-def test_windowed_attention_backward_by_hand_matches_autograd(attn_type, N, H, W, monkeypatch):
+@pytest.mark.parametrize("N,H,W,every_image", [(4, 9, 7, False), (12, 6, 6, False),  # fewer window cells than map cells; more
+                                               (5, 8, 10, True)])  # every image with boxes: the null rows
+def test_windowed_attention_backward_by_hand_matches_autograd(attn_type, N, H, W, every_image, monkeypatch):
     """WindowedAttention (the windowed layout attention with its backward written out, taken where
     every call is wide_attention's matmuls: forced here by SDPA_MAX_HEAD_DIM 0) gives the output and
     every gradient of the autograd path, in float64; its backward concatenates nothing and fills no
-    zero (B*L, 3C) copy; without a gradient it gives the same output. On LD_TEST_DEVICE (.ci/gpu: the
-    CUDA matmuls writing into column slices)."""
+    zero (B*L, 3C) copy; without a gradient it gives the same output. With boxes in every image
+    (layout_partial_v2) the null attention runs on the uncovered cells' queries alone (null_rows).
+    On LD_TEST_DEVICE (.ci/gpu: the CUDA matmuls writing into column slices)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -509,6 +536,9 @@ def test_windowed_attention_backward_by_hand_matches_autograd(attn_type, N, H, W
     for p in params:
         p.data.normal_(0, 0.3)
     boxes, labels, box_mask = random_layouts(B, N, gen)
+    if every_image:
+        box_mask[:] = True
+        monkeypatch.setattr(model, "NULL_ROWS_MAX_FRACTION", 1.0)  # whatever the share of uncovered cells
     dev = torch.device(TEST_DEVICE)
     block.to(dev), table.to(dev)
     x = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64).to(dev)
@@ -516,7 +546,8 @@ def test_windowed_attention_backward_by_hand_matches_autograd(attn_type, N, H, W
     labels = labels.to(dev)
     region = box_regions(boxes, box_mask, H, W).to(dev)
     windows = box_windows(boxes, box_mask, H, W, null_in_mean=attn_type == "layout_partial_v1", device=dev)
-    assert (windows["cells"].numel() < B * H * W) == (N == 4)
+    assert (windows["cells"].numel() < B * H * W) == (N != 12)
+    assert (windows["null_rows"] is not None) == (every_image and attn_type == "layout_partial_v2")
     results = []
     for by_hand in (False, True):
         monkeypatch.setattr(model, "SDPA_MAX_HEAD_DIM", 0 if by_hand else 256)
