@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import model
 from model import (LayoutAttention, LayoutPrompt, LayoutUNet, ModelConfig, box_coord_features, box_regions, box_windows,
@@ -92,6 +93,23 @@ def test_parity_segmentation_unet(parity_dir):
 # LD_TEST_DEVICE (default cpu; the GPU session runs these with LD_TEST_DEVICE=cuda, see .ci/gpu)
 
 TEST_DEVICE = os.environ.get("LD_TEST_DEVICE", "cpu")
+
+
+class OpLog(TorchDispatchMode):
+    """The aten ops run inside, as (name, shape of the first argument, shape of the output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    @staticmethod
+    def shape(t) -> tuple:
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else ()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func._overloadpacket.__name__, self.shape(args[0] if args else None), self.shape(out)))
+        return out
 # bf16 autocast: ||eps - ref|| / ||ref|| measured 1.6e-2 on the CPU; ignoring the layout moves it 0.31
 BF16_REL = 4e-2
 
@@ -475,19 +493,6 @@ def test_windowed_backward_scatters_once_whatever_the_window_lengths():
     """The windows of all lengths are gathered by one index op: its backward scatters their gradients
     into one zero-filled (B*L, 3C) tensor, not one per length (each then summed into the rest; ~a
     quarter of the SD1.5 layout blocks' memory traffic at batch 32, bench.py section m)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func._overloadpacket.__name__ in ("index_put", "index_put_", "_index_put_impl_"):
-                self.names.append(tuple(args[0].shape))
-            return out
-
     gen = torch.Generator().manual_seed(4)
     block = LayoutAttention(32, 8, "layout_partial_v2")
     table = torch.nn.Embedding(7, 8)
@@ -499,9 +504,10 @@ def test_windowed_backward_scatters_once_whatever_the_window_lengths():
     assert len(layout["windows"]) >= 3
     x = torch.randn(B, 32, H, W, generator=gen, requires_grad=True)
     out = block(x, layout, table)
-    with Ops() as ops:
+    with OpLog() as ops:
         out.sum().backward()
-    assert ops.names.count((B * H * W, 3 * 32)) == 1, ops.names  # (the other: the prompt tokens' rows, (B*L, d))
+    scattered = [into for name, into, _ in ops.ops if name in ("index_put", "index_put_", "_index_put_impl_")]
+    assert scattered.count((B * H * W, 3 * 32)) == 1, scattered  # (the other: the prompt tokens' rows, (B*L, d))
 
 
 @pytest.mark.parametrize("attn_type", ["layout_partial_v1", "layout_partial_v2"])
@@ -514,18 +520,6 @@ def test_windowed_attention_backward_by_hand_matches_autograd(attn_type, N, H, W
     zero (B*L, 3C) copy; without a gradient it gives the same output. With boxes in every image
     (layout_partial_v2) the null attention runs on the uncovered cells' queries alone (null_rows).
     On LD_TEST_DEVICE (.ci/gpu: the CUDA matmuls writing into column slices)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.names.append((func._overloadpacket.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else ()))
-            return out
-
     gen = torch.Generator().manual_seed(5)
     torch.manual_seed(5)
     B, C = 3, 32
@@ -554,7 +548,7 @@ def test_windowed_attention_backward_by_hand_matches_autograd(attn_type, N, H, W
         layout = {"raster": layout_raster(region, labels, table), "region": region, **windows}
         xi = x.clone().requires_grad_()
         out = block(xi, layout, table)
-        with Ops() as ops:
+        with OpLog() as ops:
             out.backward(d_out)
         results.append([out.detach(), xi.grad] + [p.grad.clone() for p in params])
         block.zero_grad()
@@ -563,11 +557,11 @@ def test_windowed_attention_backward_by_hand_matches_autograd(attn_type, N, H, W
             torch.testing.assert_close(block(x, layout, table), out, atol=1e-12, rtol=1e-12)
     # the by-hand backward's ops (the last of the loop): no concatenation, and of the (B*L, 3C) q, k, v
     # gradient no zero-filled copy and one in-place scatter
-    full = (B * H * W, 3 * C)
-    assert "cat" not in {name for name, _ in ops.names}, ops.names
-    assert not [op for op in ops.names if op[1] == full and op[0] in ("new_zeros", "zeros", "zeros_like", "fill_",
-                                                                       "zero_", "index_put", "add")], ops.names
-    assert [name for name, shape in ops.names if shape == full and "index" in name] == ["index_put_"], ops.names
+    full, made = (B * H * W, 3 * C), [(name, shape) for name, _, shape in ops.ops]
+    assert "cat" not in {name for name, _ in made}, made
+    assert not [op for op in made if op[1] == full and op[0] in ("new_zeros", "zeros", "zeros_like", "fill_",
+                                                                 "zero_", "index_put", "add")], made
+    assert [name for name, shape in made if shape == full and "index" in name] == ["index_put_"], made
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
 
