@@ -97,7 +97,8 @@ import train
 from config import error_summary
 from diffusion import Diffusion, DiffusionConfig
 from latents import posterior
-from model import LayoutAttention, LayoutUNet, ModelConfig, box_regions, box_windows, layout_raster
+from layout import box_regions, box_windows, layout_raster
+from model import LayoutAttention, LayoutUNet, ModelConfig
 from text import TextConfig, build_text_encoder
 from vqvae import AutoencoderConfig, build_autoencoder
 

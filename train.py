@@ -49,7 +49,8 @@ from dataset import AUTO_CAPTION, DataConfig, build_dataset, draw_layout, pil_to
 from diffusion import Diffusion, DiffusionConfig
 from latents import (LatentDataset, SeededItems, encode_dataset, latent_cache_path, load_autoencoder, posterior,
                      train_autoencoder)
-from model import LayoutUNet, ModelConfig, to_device_async
+from layout import to_device_async
+from model import LayoutUNet, ModelConfig
 from text import TextConfig, caption_context, encode_captions, load_text_encoder
 from vqvae import AutoencoderConfig, build_autoencoder
 from weights import find_text_weights, foundation_to_layout_unet, load_foundation

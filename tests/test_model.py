@@ -9,8 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import model
-from model import (LayoutAttention, LayoutPrompt, LayoutUNet, ModelConfig, box_coord_features, box_regions, box_windows,
-                   layout_raster)
+from layout import box_coord_features, box_regions, box_windows, layout_raster
+from model import LayoutAttention, LayoutPrompt, LayoutUNet, ModelConfig
 
 ATOL = RTOL = 1e-4  # the parity README's tolerance for single forwards
 
@@ -319,7 +319,7 @@ def test_box_windows_list_each_real_box_once_by_length(min_len, grouped, monkeyp
     """Every real box in exactly one window of a power-of-two length (at least WINDOW_MIN_LEN and 1/16
     of the map rounded down to a power of two, at most the map rounded up to 8), its valid
     positions exactly its cells, padding boxes nowhere; not grouped: all in one window."""
-    monkeypatch.setattr(model, "WINDOW_MIN_LEN", min_len)
+    monkeypatch.setattr("layout.WINDOW_MIN_LEN", min_len)
     gen = torch.Generator().manual_seed(5)
     B, N, H, W = 6, 7, 12, 10
     boxes, _, box_mask = random_layouts(B, N, gen)
@@ -373,7 +373,7 @@ def test_box_windows_null_rows_are_the_uncovered_cells(monkeypatch):
     box_mask[:] = True
     uncovered = ~box_regions(boxes, box_mask, H, W).any(1)                 # (B, L)
     Lu = -(-int(uncovered.sum(1).max()) // 8) * 8
-    monkeypatch.setattr(model, "NULL_ROWS_MAX_FRACTION", (Lu + 0.5) / (H * W))
+    monkeypatch.setattr("layout.NULL_ROWS_MAX_FRACTION", (Lu + 0.5) / (H * W))
     plan = box_windows(boxes, box_mask, H, W)
     rows, T = plan["null_rows"], plan["cells"].numel()
     weight = plan["weights"][T + B * H * W:].view(B, -1)
@@ -384,7 +384,7 @@ def test_box_windows_null_rows_are_the_uncovered_cells(monkeypatch):
         assert rows[b, :n].tolist() == cells.tolist() and (weight[b, :n] == 1).all() and (weight[b, n:] == 0).all()
         assert len(set(rows[b].tolist())) == Lu and not uncovered.flatten()[rows[b, n:]].any()
     assert box_windows(boxes, box_mask, H, W, null_in_mean=True)["null_rows"] is None
-    monkeypatch.setattr(model, "NULL_ROWS_MAX_FRACTION", (Lu - 0.5) / (H * W))
+    monkeypatch.setattr("layout.NULL_ROWS_MAX_FRACTION", (Lu - 0.5) / (H * W))
     assert box_windows(boxes, box_mask, H, W)["null_rows"] is None
 
 
@@ -435,7 +435,7 @@ def test_forward_makes_no_device_to_host_copy_with_host_boxes(impl):
 def test_layout_attention_matches_loop_reference(impl, C, max_scores, monkeypatch):
     """C=320 is over SDPA_MAX_HEAD_DIM: wide_attention's matmuls, or SDPA where the scores would be
     over WIDE_MATMUL_MAX_SCORES (0 here). Windows from length 1 up: several window lengths."""
-    monkeypatch.setattr(model, "WINDOW_MIN_LEN", 1)
+    monkeypatch.setattr("layout.WINDOW_MIN_LEN", 1)
     if max_scores is not None:
         monkeypatch.setattr(model, "WIDE_MATMUL_MAX_SCORES", max_scores)
     gen = torch.Generator().manual_seed(2)
@@ -532,7 +532,7 @@ def test_windowed_attention_backward_by_hand_matches_autograd(attn_type, N, H, W
     boxes, labels, box_mask = random_layouts(B, N, gen)
     if every_image:
         box_mask[:] = True
-        monkeypatch.setattr(model, "NULL_ROWS_MAX_FRACTION", 1.0)  # whatever the share of uncovered cells
+        monkeypatch.setattr("layout.NULL_ROWS_MAX_FRACTION", 1.0)  # whatever the share of uncovered cells
     dev = torch.device(TEST_DEVICE)
     block.to(dev), table.to(dev)
     x = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64).to(dev)
