@@ -224,6 +224,17 @@ def attention_backward(d_out, q, k, v, weights, dq, dk, dv):
     torch.baddbmm(dk, d_scores.transpose(1, 2), q, beta=0, alpha=scale, out=dk)
 
 
+def window_qkv(qkv0, prompt, Wp, cells):
+    """The window cells' q, k, v rows (T, 3C): qkv0 (B*L, 3C) has the null token, prompt (B*L, d) is
+    each cell's token less the null one; the boxes' tokens added on the smaller side of the gather
+    (after it with fewer window cells than map cells, a few boxes; before it with more, boxes
+    overlapping and windows padded)."""
+    dtype = qkv0.dtype
+    if cells.shape[0] < qkv0.shape[0]:
+        return torch.addmm(qkv0[cells], prompt[cells].to(dtype), Wp.to(dtype).t())
+    return torch.addmm(qkv0, prompt.to(dtype), Wp.to(dtype).t())[cells]
+
+
 def windowed_forward(qkv0, prompt, Wp, layout):
     """model.LayoutAttention._partial's windowed path with the null attention: qkv0 (B*L, 3C) with the null
     token, prompt (B*L, d) each cell's token less the null one, Wp (3C, d) -> (B*L, C); and what
@@ -231,11 +242,8 @@ def windowed_forward(qkv0, prompt, Wp, layout):
     they are layout["null_rows"] alone (else None), its attention weights and the windows'."""
     dtype, C = qkv0.dtype, qkv0.shape[1] // 3
     B = layout["region"].shape[0]
-    Wp, cells = Wp.to(dtype), layout["cells"]
-    if cells.shape[0] < qkv0.shape[0]:   # fewer window cells than map cells (a few boxes)
-        qkv = torch.addmm(qkv0[cells], prompt[cells].to(dtype), Wp.t())
-    else:                                # boxes overlapping, windows padded: more
-        qkv = torch.addmm(qkv0, prompt.to(dtype), Wp.t())[cells]
+    cells = layout["cells"]
+    qkv = window_qkv(qkv0, prompt, Wp, cells)
     T, BL = cells.shape[0], qkv0.shape[0]
     weights = layout["weights"].to(dtype)  # one cast, not one per window (a kernel each, and host time)
     q0, k0, v0 = qkv0.view(B, -1, 3 * C).split(C, -1)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from layout import (box_coord_features, box_regions, box_windows, layout_raster, subsample_mask, to_device_async,
-                    windowed_attention)
+                    window_qkv, windowed_attention)
 
 LAYOUT_ATTN_TYPES = ("layout_partial_v2", "layout_partial_v1", "layout", "segmentation")
 
@@ -414,24 +414,24 @@ class LayoutAttention(nn.Module):
         if "windows" in layout:  # windowed: each group of boxes gathered into windows of one length
             # one gather of the window cells' q, k, v for all windows, split by length: its backward is
             # one scatter into a zero (B*L, 3C) tensor (one per length, each summed into the rest, when
-            # gathered per length); the boxes' tokens added on the smaller side of the gather. With
-            # the weights below and the squeeze above, counted (bench.py --only m, SD1.5, batch 32):
-            # the layout blocks' forward + backward move 42.6 instead of 65.8 GB with 1-8 boxes,
-            # 123.4 instead of 135.1 GB with 1-100
+            # gathered per length). With the weights below and the squeeze above, counted (bench.py
+            # --only m, SD1.5, batch 32): the layout blocks' forward + backward move 42.6 instead of
+            # 65.8 GB with 1-8 boxes, 123.4 instead of 135.1 GB with 1-100
             cells, windows = layout["cells"], layout["windows"]
-            if cells.shape[0] < qkv0.shape[0]:   # fewer window cells than map cells (a few boxes)
-                qkv = torch.addmm(qkv0[cells], prompt[cells].to(qkv0.dtype), Wp.t())
-            else:                                # boxes overlapping, windows padded: more
-                qkv = torch.addmm(qkv0, prompt.to(qkv0.dtype), Wp.t())[cells]
-            rows = qkv.split([index.numel() for index, _, _ in windows])
+            qkv = window_qkv(qkv0, prompt, Wp, cells)
             # each cell's mean over the boxes covering it (and a_null), weighted as box_windows says,
             # accumulated onto the null attention's share: one multiply, where dividing a sum by the
-            # count and picking a_null where it is zero passes over (B, L, C) twice (and 3x backward)
-            out = a_null.reshape(B * L, C) * layout["null_weight"].to(a_null.dtype)[:, None]
-            for (index, valid, weight), r in zip(windows, rows):            # (M, Lw) each
-                q, k, v = r.view(*index.shape, 3 * C).chunk(3, dim=-1)
+            # count and picking a_null where it is zero passes over (B, L, C) twice (and 3x backward);
+            # the packed weights cast once
+            T, weights = cells.shape[0], layout["weights"].to(a_null.dtype)
+            out = a_null.reshape(B * L, C) * weights[T:T + B * L, None]
+            at = 0
+            for index, valid, _ in windows:                                  # (M, Lw) each
+                n = index.numel()
+                q, k, v = qkv[at:at + n].view(*index.shape, 3 * C).chunk(3, dim=-1)
                 o = wide_attention(q, k, v, valid[:, None, :])
-                out.index_add_(0, index.flatten(), (o * weight.to(o.dtype)[..., None]).flatten(0, 1))
+                out.index_add_(0, index.flatten(), (o * weights[at:at + n].view(*index.shape, 1)).flatten(0, 1))
+                at += n
             return out.view(B, L, C)
         # masked: every box sees the whole map, keys outside its region masked out
         qkv = torch.addmm(qkv0, prompt.to(qkv0.dtype), Wp.t()).view(B, L, 3 * C)
