@@ -6,10 +6,13 @@ into one dataclass per section (ModelConfig in model.py, TrainConfig in train.py
 
 Every key must exist in its dataclass and have its type (ints are accepted for floats); anything
 else is a UserError naming the file (or "command line") and the key. Also the one exception type
-for bad user input: the CLIs print it as one line and exit with code 2.
+for bad user input: the CLIs print it as one line and exit with code 2; and `replacing`, the one way
+every file of ours (checkpoints, caches, images, manifests) is written whole.
 """
+import contextlib
 import dataclasses
 import os
+import secrets
 import sys
 import typing
 from pathlib import Path
@@ -31,6 +34,24 @@ def error_summary(e: BaseException, empty: str = "") -> str:
     """An exception as "Type: its first line", cut to 200 characters, for a one-line error message
     (`empty` stands in for a message-less one: an empty file's EOFError)."""
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [empty])[0][:200]}"
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path):
+    """Yields a temporary path beside `path` for the body to write, renamed over `path` when the body
+    ends and removed when it fails: a kill never leaves a half-written file, and the old one stays
+    whole until the new one is. The name is this call's own (a random token: pids repeat across the
+    containers of a cluster), so two processes writing one path (two runs building a shared latent
+    cache) never share a temporary file, and the last rename wins; it keeps the suffix (PIL picks
+    the format from it). The body creates the file, so it gets the umask's permissions."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # -----------------------------------------------------------------------------

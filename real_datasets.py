@@ -27,7 +27,6 @@ classes and unreadable files:
 """
 import json
 import math
-import os
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from config import UserError
+from config import UserError, replacing
 from dataset import SPLITS, DataConfig, LayoutError, _item_rng, _parse_json_layout, _short, make_item
 
 # -----------------------------------------------------------------------------
@@ -222,9 +221,8 @@ def _cached_index(path: Path, settings: dict, build) -> dict:
     index = build()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # write, then rename: never a half file
-        tmp.write_text(json.dumps({"settings": settings, "index": index}))
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            tmp.write_text(json.dumps({"settings": settings, "index": index}))
     except OSError as e:
         print(f"warning: could not write the index cache {path} ({e.strerror or e}); set data.cache_dir "
               f"to a writable folder to parse the annotations only once", file=sys.stderr, flush=True)

@@ -44,7 +44,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from config import UserError, config_to_dict, read_class_names, run_cli
+from config import UserError, config_to_dict, read_class_names, replacing, run_cli
 from dataset import build_dataset, draw_layout, layouts_to_tensors, load_layouts, save_layouts, tensor_to_pil
 from diffusion import Diffusion
 from model import LayoutUNet
@@ -187,16 +186,9 @@ def initial_noise(shape, seed: int, index: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
 
 
-def write_atomically(path: Path, write):
-    """write(tmp) to a temporary name beside path, then rename: an interrupted run never leaves a
-    half-written file (the suffix is kept, so PIL still picks the format from it)."""
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_png(image, path: Path):
-    write_atomically(path, image.save)
+    with replacing(path) as tmp:  # an interrupted run never leaves a half-written image
+        image.save(tmp)
 
 
 @dataclass
@@ -325,7 +317,8 @@ def sample_benchmark(args, drawer: Drawer, class_names: list[str], rank: int, wo
     if rank == 0:
         for sub in ["real"] + ["masks"] * segmentation + [f"samples/r{r}" for r in range(args.repeats)]:
             (out / sub).mkdir(parents=True, exist_ok=True)
-        write_atomically(manifest, lambda p: p.write_text(json.dumps(settings, indent=1) + "\n"))
+        with replacing(manifest) as tmp:
+            tmp.write_text(json.dumps(settings, indent=1) + "\n")
     if world > 1:
         dist.barrier()
 
@@ -356,8 +349,8 @@ def sample_benchmark(args, drawer: Drawer, class_names: list[str], rank: int, wo
     else:
         layouts_all = layouts
     if rank == 0:
-        write_atomically(out / "layouts.json",
-                         lambda p: save_layouts(p, [layouts_all[i] for i in range(len(dataset))], class_names))
+        with replacing(out / "layouts.json") as tmp:
+            save_layouts(tmp, [layouts_all[i] for i in range(len(dataset))], class_names)
 
     jobs = [(i, r) for i in mine for r in range(args.repeats) if not (out / f"samples/r{r}/{i:04d}.png").exists()]
     skipped = len(mine) * args.repeats - len(jobs)

@@ -32,7 +32,6 @@ import resource
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import config
-from config import UserError, config_to_dict, error_summary, read_class_names
+from config import UserError, config_to_dict, error_summary, read_class_names, replacing
 from dataset import AUTO_CAPTION, DataConfig, build_dataset, draw_layout, pil_to_tensor, tensor_to_pil
 from diffusion import Diffusion, DiffusionConfig
 from latents import (LatentDataset, SeededItems, encode_dataset, latent_cache_path, load_autoencoder, posterior,
@@ -144,23 +143,6 @@ def check_text_config(cfg: dict):
 # -----------------------------------------------------------------------------
 # checkpoints: atomic writes, loadable with weights_only=True
 
-@contextlib.contextmanager
-def replacing(path: Path):
-    """Yields a temporary file beside `path`, renamed over it when the body ends, removed when the body
-    fails: a kill never leaves a half-written file, and the old one stays intact until the new one is
-    complete. The temporary file is this call's own (a unique name, made by mkstemp: pids repeat
-    across the containers of a cluster): two processes writing one path (two runs building a shared
-    latent cache) never write into the same file, and the last rename wins."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: Path, state: dict):
     """torch.save through a temporary file (replacing), fsynced before the rename."""
     path = Path(path)
@@ -180,9 +162,14 @@ def save_checkpoint(path: Path, state: dict):
 
 
 def copy_checkpoint(src: Path, dst: Path):
-    """A copy that a kill never leaves half-written."""
+    """dst as src, never half-written: a hard link where the file system allows one (checkpoints are
+    replaced by a rename, never written in place, so the two names keep their own contents; no GBs
+    copied while the other ranks wait), else a copy."""
     with replacing(dst) as tmp:
-        shutil.copyfile(src, tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def load_checkpoint(path: Path, mmap: bool = False) -> dict:

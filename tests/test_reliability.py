@@ -12,7 +12,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -314,13 +313,29 @@ def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkey
     elif where == "rename":
         monkeypatch.setattr(os, "replace", fail(code))
     else:  # an unwritable run folder (a chmod would not stop root, who runs these tests)
-        monkeypatch.setattr(tempfile, "mkstemp", fail(code))
+        monkeypatch.setattr(train, "open", fail(code), raising=False)
     with pytest.raises(UserError) as e:
         save_checkpoint(path, {"step": 2, "weights": torch.zeros(100_000)})
     monkeypatch.undo()
     assert str(e.value) == f"{path}: could not write checkpoint ({os.strerror(code)}); the previous checkpoint is intact"
     assert path.read_bytes() == before and load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no .tmp left behind
+
+
+def test_checkpoints_take_the_umask_and_kept_copies_keep_their_contents(tmp_path):
+    """A checkpoint (and a shared latent cache) is readable as any file the user writes (mkstemp's
+    temporary files made them 0600: other users could not read a shared cache); a keep_every copy
+    (a hard link) keeps its step's contents when last.pt is saved again."""
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "last.pt", {"step": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o644
+    train.copy_checkpoint(tmp_path / "last.pt", tmp_path / "step_1.pt")
+    save_checkpoint(tmp_path / "last.pt", {"step": 2})
+    assert load(tmp_path / "step_1.pt")["step"] == 1 and load(tmp_path / "last.pt")["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "step_1.pt"]
 
 
 # -----------------------------------------------------------------------------
