@@ -41,6 +41,8 @@ class DiffusionConfig:
                               ("sampler", ("plms", "ddim"))]:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"diffusion.{name}={getattr(self, name)!r}, expected one of {allowed}")
+        if self.n_timestep < 1 or not 1 <= self.steps <= self.n_timestep:  # sample.py, the training sample grid
+            raise ValueError(f"diffusion.steps={self.steps}, expected 1..diffusion.n_timestep={self.n_timestep}")
 
 
 def make_betas(cfg: DiffusionConfig) -> torch.Tensor:

@@ -70,20 +70,27 @@ def posterior(ae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, torch.exp(0.5 * logvar)
 
 
+def own_autoencoder(cfg: dict, obj: dict, where) -> torch.nn.Module:
+    """Our own autoencoder, {"autoencoder": its weights, "autoencoder_config": its config} (an
+    autoencoder.pt, or a training checkpoint's parts): its config replaces cfg's, so that a command
+    line's autoencoder overrides cannot mismatch the weights."""
+    try:
+        cfg["autoencoder"] = AutoencoderConfig(**obj["autoencoder_config"])
+        ae = build_autoencoder(cfg["autoencoder"])
+        ae.load_state_dict(obj["autoencoder"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"{where}: not a usable autoencoder checkpoint ({error_summary(e)})") from None
+    return ae
+
+
 def load_autoencoder(cfg: dict, path: str, allow_pickle: bool = False, state: dict | None = None):
-    """The frozen first stage: our autoencoder checkpoint ({"autoencoder", "autoencoder_config"}, whose
-    config replaces cfg's), or a foundation's weights under the original's names (a vqvae.ckpt, a
-    single-file checkpoint, or `state` already read from one) built from cfg["autoencoder"]."""
+    """The frozen first stage: our autoencoder checkpoint (own_autoencoder), or a foundation's weights
+    under the original's names (a vqvae.ckpt, a single-file checkpoint, or `state` already read from
+    one) built from cfg["autoencoder"]."""
     if state is None:
         obj = read_file(path, allow_pickle)
         if isinstance(obj, dict) and "autoencoder_config" in obj:
-            try:  # our own file: its config, then its weights
-                cfg["autoencoder"] = AutoencoderConfig(**obj["autoencoder_config"])
-                ae = build_autoencoder(cfg["autoencoder"])
-                ae.load_state_dict(obj["autoencoder"])
-            except (TypeError, ValueError, KeyError, RuntimeError) as e:
-                raise UserError(f"{path}: not a usable autoencoder checkpoint ({error_summary(e)})") from None
-            return ae
+            return own_autoencoder(cfg, obj, path)
         state = foundation_parts(as_state_dict(obj, path), path).get("autoencoder")
         if not state:
             raise UserError(f"{path}: holds no autoencoder weights")

@@ -386,7 +386,7 @@ def main(argv=None):
         unet, ae, diffusion, cfg, class_names, text = load_model(args.ckpt, device, not args.no_ema, args.preset,
                                                                  args.allow_pickle, args.text_weights)
         dc = cfg["diffusion"]
-        steps = dc.steps if args.steps is None else args.steps
+        steps = dc.steps if args.steps is None else args.steps  # (diffusion.steps is checked when the config loads)
         if not 1 <= steps <= dc.n_timestep:
             raise UserError(f"--steps must be in [1, {dc.n_timestep}] (the model's diffusion.n_timestep), got {steps}")
         bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")

@@ -46,12 +46,12 @@ import config
 from config import UserError, config_to_dict, error_summary, read_class_names, replacing
 from dataset import AUTO_CAPTION, DataConfig, build_dataset, draw_layout, pil_to_tensor, tensor_to_pil
 from diffusion import Diffusion, DiffusionConfig
-from latents import (LatentDataset, SeededItems, encode_dataset, latent_cache_path, load_autoencoder, posterior,
-                     train_autoencoder)
+from latents import (LatentDataset, SeededItems, encode_dataset, latent_cache_path, load_autoencoder, own_autoencoder,
+                     posterior, train_autoencoder)
 from layout import to_device_async
 from model import LayoutUNet, ModelConfig
 from text import TextConfig, caption_context, encode_captions, load_text_encoder
-from vqvae import AutoencoderConfig, build_autoencoder
+from vqvae import AutoencoderConfig
 from weights import find_text_weights, foundation_to_layout_unet, load_foundation
 
 ROOT = Path(__file__).resolve().parent
@@ -467,8 +467,8 @@ def main(argv=None):
         elif foundation.get("autoencoder"):  # the foundation's own (SD / LDM), as the original's vqvae.ckpt
             ae = load_autoencoder(cfg, tc.init_from, state=foundation["autoencoder"])
         elif ckpt is not None and ckpt.get("autoencoder"):  # resumed: the one the run trained on, from its checkpoint
-            ae = build_autoencoder(cfg["autoencoder"])
-            ae.load_state_dict(ckpt["autoencoder"])
+            ae = own_autoencoder(cfg, {"autoencoder": ckpt["autoencoder"],
+                                       "autoencoder_config": ckpt["config"].get("autoencoder")}, ckpt_path)
         else:  # a from-scratch run trains its own, once, and keeps it in the run folder
             ae_path = out_dir / "autoencoder.pt"
             with rank0_first(rank, world):  # the other ranks load it (from a folder they must all see)

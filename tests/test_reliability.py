@@ -214,9 +214,11 @@ def test_init_from_a_unet_of_another_layout_placement_is_a_user_error(tiny_run, 
 
 def test_resume_uses_the_autoencoder_of_its_checkpoint(run_copy, capsys, one_thread):
     """A from-scratch run resumed without its autoencoder.pt: the checkpoint's autoencoder (the one the
-    UNet trained on) is used, not a new one trained: the latent cache, keyed by its weights, is read."""
+    UNet trained on) is used, not a new one trained: the latent cache, keyed by its weights, is read.
+    Its config comes with it: an autoencoder override on the command line cannot mismatch it (it
+    raised a size-mismatch traceback)."""
     (run_copy / "autoencoder.pt").unlink()
-    train_cli(["--resume", f"--train.out_dir={run_copy}", "--train.max_steps=7"])
+    train_cli(["--resume", f"--train.out_dir={run_copy}", "--train.max_steps=7", "--autoencoder.ch=8"])
     out = capsys.readouterr().out
     assert "no autoencoder yet" not in out and "latent cache: reading " in out, out
     assert load(run_copy / "last.pt")["step"] == 7
@@ -374,7 +376,7 @@ def known_presets() -> str:
 
 
 @pytest.mark.parametrize("case", ["malformed yaml", "unknown key", "wrong type", "no such preset", "not a choice",
-                                  "zero micro-steps"])
+                                  "zero micro-steps", "sampling steps"])
 def test_train_config_errors_exit_2_before_writing(tmp_path, capsys, case):
     out = tmp_path / "run"
     config = tmp_path / "config.yaml"
@@ -396,6 +398,9 @@ def test_train_config_errors_exit_2_before_writing(tmp_path, capsys, case):
     elif case == "zero micro-steps":
         argv += ["--preset", "tiny", "--train.grad_accum=0"]
         expected = "config: train.grad_accum=0, expected an integer >= 1"
+    elif case == "sampling steps":  # the training sample grid's: it raised at the first grid, a traceback
+        argv += ["--preset", "tiny", "--diffusion.steps=0"]
+        expected = "config: diffusion.steps=0, expected 1..diffusion.n_timestep=1000"
     else:
         argv += ["--preset", "nope"]
         expected = f"preset 'nope': no file {ROOT / 'presets' / 'nope.yaml'} (known presets: {known_presets()})"
