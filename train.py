@@ -648,9 +648,10 @@ def main(argv=None):
         in_a_row = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps in a row
         t_log, n_log = time.time(), 0
         # test-only hooks, unset in real runs: LD_TEST_NAN_AT_STEP=N makes the loss NaN from step N on
-        # (the non-finite stop, tests/test_train.py); LD_TEST_CRASH_RANK=R with LD_TEST_CRASH_AT_STEP=N
+        # (the non-finite stop, tests/test_train.py and test_reliability.py); LD_TEST_CRASH_RANK=R with LD_TEST_CRASH_AT_STEP=N
         # makes rank R die at once at step N, as a killed worker would (tests/test_reliability.py)
-        nan_at = int(os.environ.get("LD_TEST_NAN_AT_STEP", "-1"))
+        nan_at = int(os.environ.get("LD_TEST_NAN_AT_STEP", "-1"))  # on every rank, or LD_TEST_NAN_RANK's alone
+        nan_at = nan_at if int(os.environ.get("LD_TEST_NAN_RANK", rank)) == rank else -1
         crash_rank = int(os.environ.get("LD_TEST_CRASH_RANK", "-1"))
         crash_at = int(os.environ.get("LD_TEST_CRASH_AT_STEP", "-1")) if crash_rank == rank else -1
         while step < tc.max_steps and stop["signal"] is None:
@@ -742,6 +743,10 @@ def main(argv=None):
                 # while it finds its scale: such steps count as taken), and a non-finite loss counts
                 if amp_dtype == torch.float16:
                     keep = torch.isfinite(step_stats[0, 0])
+                    if world > 1:  # this rank's loss: every rank must count the same steps (one scalar more)
+                        flag = keep.int()
+                        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                        keep = flag.bool()
                 else:
                     keep = torch.isfinite(grad_norm)
                     opt.found_inf = (~keep).float()

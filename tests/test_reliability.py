@@ -199,6 +199,24 @@ def test_fp16_resume_of_an_fp32_run_stops_at_nonfinite_losses(run_copy, capsys, 
     assert path.read_bytes() == before
 
 
+@pytest.mark.slow
+def test_fp16_nonfinite_loss_on_one_rank_is_counted_on_every_rank(background, run_copy, tmp_path):
+    """fp16 on 2 ranks with NaN losses on rank 1 alone: the skipped steps count on every rank (the
+    loss's finiteness is all-reduced; the gradients already were), so rank 0 logs them and the run
+    stops at train.max_nonfinite with the last good checkpoint kept. Counted on rank 1 alone, rank 0
+    went on (the ranks' step flags, said to agree, did not)."""
+    path = run_copy / "last.pt"
+    before = path.read_bytes()
+    log = tmp_path / "log.txt"
+    proc = background(torchrun_cmd(run_copy, "--resume", "--train.precision=fp16", "--train.max_steps=12",
+                                   "--train.max_nonfinite=2"), log, LD_TEST_NAN_AT_STEP="6", LD_TEST_NAN_RANK="1")
+    assert finish(proc, log, timeout=180) != 0
+    text = log.read_text()
+    assert "update skipped (1 in a row)" in text and "update skipped (2 in a row)" in text, text[-3000:]  # rank 0's log
+    assert "error (rank 0): 2 non-finite steps in a row at step 8" in text
+    assert path.read_bytes() == before
+
+
 def test_init_from_a_unet_of_another_layout_placement_is_a_user_error(tiny_run, tmp_path, capsys, one_thread):
     """train.init_from must give every foundation layer a tensor: a layout UNet trained with layout
     blocks at other levels would leave layers after them at random init (and frozen, with

@@ -219,14 +219,14 @@ def descendants(pid: int) -> list[int]:
 
 @pytest.fixture
 def background():
-    """start(cmd, log) -> Popen: a run in the background, its output appended to the file `log` (a
-    full pipe would stall it). Whatever still runs when the test ends is killed, children first:
+    """start(cmd, log, **env) -> Popen: a run in the background (env: extra environment variables), its
+    output appended to the file `log` (a full pipe would stall it). Whatever still runs when the test ends is killed, children first:
     torchrun's workers live in sessions of their own, and a hung one ignores torchrun's SIGTERM."""
     started = []
 
-    def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    def start(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
         with open(log, "ab") as f:
-            started.append(subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=f, stderr=subprocess.STDOUT))
+            started.append(subprocess.Popen(cmd, cwd=ROOT, env=cli_env(**env), stdout=f, stderr=subprocess.STDOUT))
         return started[-1]
     yield start
     for proc in started:
