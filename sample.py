@@ -90,8 +90,8 @@ def parse_args(argv=None):
                    help="autocast of the UNet and the decoder (auto: bf16 on CUDA, fp32 on the CPU, as train.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet with CUDA graphs (mode "
                    "reduce-overhead): a GPU's small-batch sampling is host-bound; the first batch compiles (~1 min)")
-    p.add_argument("--overwrite", action="store_true", help="--layout / --seg-mask: replace the images of an "
-                   "earlier run in --out (default: refuse)")
+    p.add_argument("--overwrite", action="store_true", help="--layout / --seg-mask: delete the images of an "
+                   "earlier run in --out, then write this run's (default: refuse)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--allow-pickle", action="store_true", help="unpickle Python objects (released Lightning files; "
                    "only files you trust)")
@@ -258,6 +258,9 @@ def sample_layouts(args, drawer: Drawer, class_names: list[str], rank: int, worl
     if earlier and not args.overwrite:  # replacing some and keeping others would mix two runs' images
         raise UserError(f"{out}: holds images of an earlier run ({earlier[0].name}, ...); give another --out, "
                         f"or --overwrite to replace them")
+    if rank == 0:  # --overwrite: the earlier run's images go, all of them (its other --n or layouts' too)
+        for path in earlier:
+            path.unlink(missing_ok=True)
     if world > 1:  # every process has looked before any writes
         dist.barrier()
     out.mkdir(parents=True, exist_ok=True)

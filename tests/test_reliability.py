@@ -508,7 +508,7 @@ def test_sample_benchmark_with_a_damaged_manifest_exits_2(tiny_run, tmp_path, ca
 
 def test_sample_keeps_an_earlier_runs_images_unless_overwrite(tiny_run, tmp_path, capsys, one_thread):
     """A second run into a folder with images refuses (replacing some and keeping others would mix
-    the two runs: --n 2 writes 0000_0.png, --n 1 0000.png); --overwrite replaces them."""
+    the two runs: --n 2 writes 0000_0.png, --n 1 0000.png); --overwrite replaces them, all of them."""
     layout = tmp_path / "layout.json"
     layout.write_text('{"objects": [' + OK + "]}")
     out = tmp_path / "out"
@@ -521,7 +521,7 @@ def test_sample_keeps_an_earlier_runs_images_unless_overwrite(tiny_run, tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["0000_1.png"]
     assert (out / "0000_1.png").read_bytes() == b"an earlier image"
     sample_cli(argv + ["--overwrite"])
-    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0000_1.png", "0000_boxes.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0000_boxes.png"]
 
 
 def test_sample_empty_object_list_is_allowed(tiny_run, tmp_path, capsys, one_thread):
