@@ -383,20 +383,23 @@ def _label_index(name, where: str, class_names: list[str]) -> int:
     raise LayoutError(f"{where}, field 'label': unknown label {name!r}; {hint}")
 
 
+def finite_number(v) -> bool:
+    """A finite JSON number: bool is an int subclass in Python, but `true` is surely a mistake in a
+    box or a size; json.loads accepts NaN and Infinity, which would silently poison the boxes; an
+    integer too large for a float is none either."""
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _check_bbox(bbox, where: str) -> tuple[float, float, float, float]:
     """Validate [x, y, w, h] (fractions, inside the image) and return it as floats."""
     where = f"{where}, field 'bbox'"
     if not isinstance(bbox, list) or len(bbox) != 4:
         raise LayoutError(f"{where}: expected a list of 4 numbers [x, y, w, h], got {_short(bbox)}")
     for k, v in enumerate(bbox):
-        # bool is an int subclass in Python, but `true` is surely a mistake in a box; json.loads
-        # accepts NaN and Infinity, which would silently poison the model's box embedding
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        try:
-            ok = ok and math.isfinite(v)
-        except OverflowError:  # an integer too large for a float
-            ok = False
-        if not ok:
+        if not finite_number(v):
             raise LayoutError(f"{where}: expected a finite number at position {k} of [x, y, w, h], got {_short(v)}")
     x, y, w, h = (float(v) for v in bbox)
     if w <= 0 or h <= 0:

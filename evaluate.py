@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageMode
 
 from config import UserError, read_class_names, run_cli
-from dataset import (COLOURS, SHAPES, SHAPES_CLASSES, SPLITS, box_to_pixels, draw_shape, load_layouts,
+from dataset import (COLOURS, SHAPES, SHAPES_CLASSES, SPLITS, box_to_pixels, draw_shape, finite_number, load_layouts,
                      make_shapes_layout, render_shapes, save_layouts)
 from inception import FID_IMAGE_SIZE, FIDInception, load_fid_inception
 
@@ -304,11 +304,6 @@ def cmd_fid(args: argparse.Namespace) -> dict:
 AP_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # COCO's AP averages these
 
 
-def _bad(value) -> bool:
-    """True unless value is a finite number (JSON booleans are not numbers here)."""
-    return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-
-
 def load_detections(path: str | Path, n_images: int, class_names: list[str]) -> list[dict]:
     """Read a detections file in COCO results format:
     [{"image_id": i, "category_id": c, "bbox": [x, y, w, h], "score": s}, ...]
@@ -344,9 +339,9 @@ def load_detections(path: str | Path, n_images: int, class_names: list[str]) -> 
         elif isinstance(category, bool) or not isinstance(category, int) or not 0 <= category < len(class_names):
             raise UserError(f"{at}: category_id must be a class name or an index in [0, {len(class_names)}), "
                             f"got {category!r}")
-        if not isinstance(bbox, list) or len(bbox) != 4 or any(_bad(v) for v in bbox) or min(bbox[2:]) <= 0:
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(map(finite_number, bbox)) or min(bbox[2:]) <= 0:
             raise UserError(f"{at}: bbox must be [x, y, w, h] in pixels with w, h > 0, got {bbox!r}")
-        if _bad(score):
+        if not finite_number(score):
             raise UserError(f"{at}: score must be a number, got {score!r}")
         detections.append(dict(image_id=image_id, category_id=category, bbox=[float(v) for v in bbox],
                                score=float(score)))

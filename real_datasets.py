@@ -26,7 +26,6 @@ classes and unreadable files:
     python dataset.py --preview --preset vg_ldm --data.root=VG --split val
 """
 import json
-import math
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -37,7 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from config import UserError, replacing
-from dataset import SPLITS, DataConfig, LayoutError, _item_rng, _parse_json_layout, _short, make_item
+from dataset import SPLITS, DataConfig, LayoutError, _item_rng, _parse_json_layout, _short, finite_number, make_item
 
 # -----------------------------------------------------------------------------
 # images, and the dataset over an index (coco, coco_format, folder, vg)
@@ -183,9 +182,8 @@ class _entry:
 
 
 # what a field may hold, by the words of the error message. type(), not isinstance: bool is an int
-# subclass, but `true` is surely no size or id; json.loads accepts NaN and Infinity, which would
-# silently poison the boxes; a string id "11" would never match the image or object 11
-_KINDS = {"a finite number": lambda v: type(v) in (int, float) and math.isfinite(v),
+# subclass, but `true` is surely no id; a string id "11" would never match the image or object 11
+_KINDS = {"a finite number": finite_number,
           "an integer id": lambda v: type(v) is int,
           "a string": lambda v: isinstance(v, str),
           "a list": lambda v: isinstance(v, list),
@@ -271,9 +269,10 @@ def _build_coco_index(instances: Path, stuff: Path | None, captions: Path | None
     images = {}  # image id -> (file name, width, height)
     for k, im in enumerate(sources[0][1]["images"]):
         with _entry(instances, "images", k, im):
-            images[im["id"]] = (str(im["file_name"]), float(im["width"]), float(im["height"]))
-            if not all(0 < v < math.inf for v in images[im["id"]][1:]):  # NaN fails every comparison
-                raise ValueError("width and height must be finite and > 0")
+            size = float(_field(im, "width", "a finite number")), float(_field(im, "height", "a finite number"))
+            if not all(v > 0 for v in size):
+                raise ValueError("width and height must be > 0")
+            images[im["id"]] = (str(im["file_name"]), *size)
     names, owner = {}, {}  # category id -> name, things and stuff together; name -> category id
     for path, data in sources:
         for k, cat in enumerate(data["categories"]):
@@ -290,9 +289,10 @@ def _build_coco_index(instances: Path, stuff: Path | None, captions: Path | None
     for path, data in sources:
         for k, ann in enumerate(data["annotations"]):
             with _entry(path, "annotations", k, ann):
-                image_id, cid, (x, y, w, h) = ann["image_id"], ann["category_id"], (float(v) for v in ann["bbox"])
-                if not all(map(math.isfinite, (x, y, w, h))):  # json.loads accepts NaN and Infinity
-                    raise _BadField(f"field 'bbox': expected 4 finite numbers [x, y, w, h], got {_short(ann['bbox'])}")
+                image_id, cid, bbox = ann["image_id"], ann["category_id"], ann["bbox"]
+                if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(finite_number, bbox))):
+                    raise _BadField(f"field 'bbox': expected 4 finite numbers [x, y, w, h], got {_short(bbox)}")
+                x, y, w, h = map(float, bbox)
                 if image_id not in images:
                     raise UserError(f"{path}: annotations[{k}]: image_id {image_id!r} is not in the images of {instances}")
                 if cid not in names:

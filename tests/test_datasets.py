@@ -523,7 +523,7 @@ def test_not_coco_annotation_message(tmp_path):
              ({**good, "annotations": [{"id": 1, "image_id": 1, "category_id": 1}]},
               r"ann\.json: annotations\[0\]: missing field 'bbox'"),
              ({**good, "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5]}]},
-              r"ann\.json: annotations\[0\]: malformed entry"),
+              r"ann\.json: annotations\[0\]: field 'bbox': expected 4 finite numbers \[x, y, w, h\], got \[0, 0, 5\]"),
              ({**good, "annotations": [{"id": 1, "image_id": 9, "category_id": 1, "bbox": [0, 0, 5, 5]}]},
               r"ann\.json: annotations\[0\]: image_id 9 is not in the images of .*ann\.json$"),
              ({**good, "images": [{"id": 1, "file_name": "a.png", "width": 10}]},
@@ -538,10 +538,12 @@ def test_not_coco_annotation_message(tmp_path):
 
 
 def test_coco_nan_bbox_is_an_error(tmp_path):
-    """json.loads accepts NaN and Infinity: a box of them would give the item nan boxes."""
+    """json.loads accepts NaN and Infinity: a box of them would give the item nan boxes; a string or a
+    boolean is no number either (float() took them)."""
     (tmp_path / "images").mkdir()
     cfg = DataConfig(name="coco_format", root=str(tmp_path / "images"), ann_file=str(tmp_path / "ann.json"), min_objects=1)
-    for bbox, shown in (([float("nan"), 10, 30, 30], r"\[nan, 10, 30, 30\]"), ([0, 0, float("inf"), 10], r"\[0, 0, inf, 10\]")):
+    for bbox, shown in (([float("nan"), 10, 30, 30], r"\[nan, 10, 30, 30\]"), ([0, 0, float("inf"), 10], r"\[0, 0, inf, 10\]"),
+                        (["0", 0, 10, 10], r"\['0', 0, 10, 10\]"), ([0, True, 10, 10], r"\[0, True, 10, 10\]")):
         write_coco_format(tmp_path, ["a.png"], [(1, 1, bbox)], [{"id": 1, "name": "a"}])
         with pytest.raises(UserError, match=rf"ann\.json: annotations\[0\]: field 'bbox': expected 4 finite numbers "
                                             rf"\[x, y, w, h\], got {shown}"):
@@ -550,8 +552,7 @@ def test_coco_nan_bbox_is_an_error(tmp_path):
     ann["annotations"][0]["bbox"] = [0, 0, 10, 10]
     ann["images"][0]["width"] = float("nan")  # nan <= 0 is False: it must not pass as a size
     (tmp_path / "ann.json").write_text(json.dumps(ann))
-    with pytest.raises(UserError, match=r"ann\.json: images\[0\]: malformed entry \(width and height must be finite "
-                                        r"and > 0\)"):
+    with pytest.raises(UserError, match=r"ann\.json: images\[0\]: field 'width': expected a finite number, got nan"):
         build_dataset(cfg, "train", max_objects=8)
 
 
@@ -587,6 +588,7 @@ VG_OBJECT, VG_REL = r"objects\.json: \[0\]\.objects\[0\]", r"relationships\.json
 @pytest.mark.parametrize("file, keys, value, message", [
     ("objects.json", (0, "objects", 0, "w"), DROP, rf"{VG_OBJECT}: missing field 'w', in \{{"),
     ("objects.json", (0, "objects", 0, "x"), float("nan"), rf"{VG_OBJECT}: field 'x': expected a finite number, got nan"),
+    ("objects.json", (0, "objects", 0, "x"), 10 ** 400, rf"{VG_OBJECT}: field 'x': expected a finite number, got 1000"),
     ("objects.json", (0, "objects", 0, "names"), "man",
      rf"{VG_OBJECT}: field 'names': expected a list of strings, got 'man'"),
     ("objects.json", (0, "objects", 0, "names"), ["man", 3],
@@ -607,7 +609,7 @@ VG_OBJECT, VG_REL = r"objects\.json: \[0\]\.objects\[0\]", r"relationships\.json
     ("image_data.json", (0, "url"), None, r"image_data\.json: \[0\]: field 'url': expected a string, got None"),
     ("image_data.json", (0,), "1.jpg", r"image_data\.json: \[0\]: expected a JSON object, got '1\.jpg'"),
     ("vg_splits.json", ("train", 0), [1], r"vg_splits\.json: train\[0\]: expected an integer image id, got \[1\]"),
-], ids=["object-no-w", "object-nan-x", "names-string", "names-not-strings", "object-id-string", "object-not-dict",
+], ids=["object-no-w", "object-nan-x", "object-huge-x", "names-string", "names-not-strings", "object-id-string", "object-not-dict",
         "objects-null", "objects-no-image-id", "rel-no-predicate", "rel-no-subject", "rel-object-not-dict",
         "predicate-null", "width-string", "url-null", "image-not-dict", "split-id-list"])
 def test_visual_genome_malformed_entries_are_one_line_errors(tmp_path, file, keys, value, message):
