@@ -57,14 +57,14 @@ def replacing(path: str | Path):
 # -----------------------------------------------------------------------------
 # config: config.yaml -> preset -> --section.key=value overrides -> one dataclass per section
 
-def _check_type(value, tp, where: str):
+def check_type(value, tp, where: str):
     """Return value if it fits the dataclass field type tp (ints are accepted as floats)."""
     origin = typing.get_origin(tp)
     if origin is list:
         if not isinstance(value, list):
             raise UserError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)
-        return [_check_type(v, item, where) for v in value]
+        return [check_type(v, item, where) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -135,7 +135,7 @@ def load_config(sections: dict, path: str | Path, preset: str | None = None,
                     value = str(value) if hints[key] is str else yaml.safe_load(value)
                 except yaml.YAMLError:
                     value = str(value)
-            kwargs[key] = _check_type(value, hints[key], f"{source}: {section}.{key}")
+            kwargs[key] = check_type(value, hints[key], f"{source}: {section}.{key}")
         try:
             cfg[section] = cls(**kwargs)
         except ValueError as e:  # a value outside its allowed set, from any source

@@ -19,11 +19,14 @@ quantize.embedding.weight, ...), so released weights load with no renaming:
 
 For the small runs here, train a tiny KL autoencoder from scratch with autoencoder_loss().
 """
+import typing
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from config import UserError, check_type
 
 
 @dataclass
@@ -58,8 +61,9 @@ class AutoencoderConfig:
 
 
 AUTOENCODER_KINDS = ("kl", "vq")
-DDCONFIG_FIELDS = {"ch": int, "ch_mult": list, "num_res_blocks": int, "attn_resolutions": list, "in_channels": int,
-                   "out_ch": int, "z_channels": int, "double_z": bool, "resolution": int}
+# the original's ddconfig keys: our AutoencoderConfig fields of the same names and types (dropout: optional)
+DDCONFIG_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "in_channels", "out_ch", "z_channels",
+                   "double_z", "resolution")
 
 
 def _config_from_original(args: dict, kind: str, scale_factor: float) -> AutoencoderConfig:
@@ -71,19 +75,17 @@ def _config_from_original(args: dict, kind: str, scale_factor: float) -> Autoenc
     missing = [f"ddconfig.{k}" for k in DDCONFIG_FIELDS if k not in dd] + [k for k in ("embed_dim",) if k not in args]
     if missing:
         raise ValueError(f"missing field {missing[0]}")
-    for k, tp in DDCONFIG_FIELDS.items():
-        if not isinstance(dd[k], tp) or (tp is int and isinstance(dd[k], bool)):
-            raise ValueError(f"ddconfig.{k}={dd[k]!r}, expected {tp.__name__}")
-    if dd["double_z"] != (kind == "kl"):
+    given = {**{f"ddconfig.{k}": dd[k] for k in (*DDCONFIG_FIELDS, "dropout") if k in dd},
+             **{k: args[k] for k in ("embed_dim", "n_embed") if k in args}}
+    hints = typing.get_type_hints(AutoencoderConfig)
+    try:  # the config file's type rules (a list's items too), under the original's field names
+        fields = {name.split(".")[-1]: check_type(v, hints[name.split(".")[-1]], name) for name, v in given.items()}
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    if fields["double_z"] != (kind == "kl"):
         raise ValueError(f"ddconfig.double_z={dd['double_z']}, expected {kind == 'kl'} for a {kind.upper()} autoencoder")
     # lossconfig only matters for training with a discriminator; we never rebuild it
-    return AutoencoderConfig(
-        kind=kind, ch=dd["ch"], ch_mult=list(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
-        attn_resolutions=list(dd["attn_resolutions"]), in_channels=dd["in_channels"],
-        out_ch=dd["out_ch"], z_channels=dd["z_channels"], double_z=dd["double_z"],
-        resolution=dd["resolution"], dropout=dd.get("dropout", 0.0), embed_dim=args["embed_dim"],
-        n_embed=args.get("n_embed", 8192), scale_factor=scale_factor,
-    )
+    return AutoencoderConfig(kind=kind, scale_factor=scale_factor, **fields)
 
 
 # -----------------------------------------------------------------------------

@@ -195,8 +195,12 @@ def test_config_errors_name_the_field():
               attn_resolutions=[])
     with pytest.raises(ValueError, match=r"^missing field ddconfig\.ch$"):
         AutoencoderKL.from_original({"embed_dim": 4, "ddconfig": {k: v for k, v in dd.items() if k != "ch"}})
-    with pytest.raises(ValueError, match=r"^ddconfig\.ch='32', expected int$"):
+    with pytest.raises(ValueError, match=r"^ddconfig\.ch: expected int, got '32'$"):
         AutoencoderKL.from_original({"embed_dim": 4, "ddconfig": {**dd, "ch": "32"}})
+    with pytest.raises(ValueError, match=r"^ddconfig\.ch_mult: expected int, got 'a'$"):  # a list's items too
+        AutoencoderKL.from_original({"embed_dim": 4, "ddconfig": {**dd, "ch_mult": ["a", 2]}})
+    with pytest.raises(ValueError, match=r"^embed_dim: expected int, got 'x'$"):
+        AutoencoderKL.from_original({"embed_dim": "x", "ddconfig": dd})
     with pytest.raises(ValueError, match=r"^missing field embed_dim$"):
         AutoencoderKL.from_original({"ddconfig": dd})
     with pytest.raises(ValueError, match=r"^ddconfig\.double_z=True, expected False for a VQ autoencoder$"):

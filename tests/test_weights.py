@@ -538,7 +538,7 @@ VQ_ARGS = {**AE_ARGS, "n_embed": 16, "ddconfig": {**AE_ARGS["ddconfig"], "double
     ("--ae-args", {"embed_dim": 4, "ddconfig": {}}, r"ae\.json: missing field ddconfig\.ch \(.*checkpoint's KL autoencoder\)"),
     ("--ae-args", {"ddconfig": AE_ARGS["ddconfig"]}, r"ae\.json: missing field embed_dim"),
     ("--ae-args", VQ_ARGS, r"ae\.json: ddconfig\.double_z=False, expected True for a KL autoencoder"),
-    ("--ae-args", {**AE_ARGS, "ddconfig": {**AE_ARGS["ddconfig"], "ch_mult": 2}}, r"ae\.json: ddconfig\.ch_mult=2, expected list"),
+    ("--ae-args", {**AE_ARGS, "ddconfig": {**AE_ARGS["ddconfig"], "ch_mult": 2}}, r"ae\.json: ddconfig\.ch_mult: expected a list, got 2"),
     ("--unet-args", {**UNET_ARGS, "image_size": "8"}, r"unet\.json: image_size='8', expected a positive integer"),
     ("--unet-args", {**UNET_ARGS, "channel_mult": 2}, r"unet\.json: .+ \(the file should hold the original's UNet arguments"),
 ], ids=["unet-list", "ae-list", "manifest-str", "unet-missing", "unet-bad-value", "ae-missing", "ae-missing-embed_dim",
