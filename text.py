@@ -473,6 +473,8 @@ def build_tokenizer(cfg: TextConfig):
     if not cfg.vocab_path:
         return None
     where = f"text.vocab_path={cfg.vocab_path}"
+    if not Path(cfg.vocab_path).is_file():
+        raise UserError(f"{where}: file not found (expected the {VOCAB_FILES[cfg.kind]})")
     try:
         if cfg.kind == "bert":
             tokenizer = WordPieceTokenizer(cfg.vocab_path, cfg.max_len)
@@ -511,8 +513,6 @@ def load_text_encoder(cfg: TextConfig, state: dict, where: str) -> tuple:
     if not cfg.vocab_path:
         raise UserError(f"text.kind={cfg.kind} needs its tokenizer's vocabulary: set text.vocab_path "
                         f"to the {VOCAB_FILES[cfg.kind]}")
-    if not Path(cfg.vocab_path).is_file():
-        raise UserError(f"text.vocab_path={cfg.vocab_path}: file not found (expected the {VOCAB_FILES[cfg.kind]})")
     tokenizer, encoder = build_text_encoder(cfg)
     try:  # strict=False so that the first missing/unexpected key (after the renaming hooks) can be named
         result = encoder.load_state_dict(state, strict=False)

@@ -418,6 +418,9 @@ def test_missing_vocab_or_weights_are_user_errors(tmp_path):
     missing = tmp_path / "nope" / "vocab.txt"
     with pytest.raises(UserError, match=f"text.vocab_path={re.escape(str(missing))}: file not found"):
         load_text_encoder(TextConfig(kind="bert", vocab_path=str(missing), **TINY), {}, "bert.ckpt")
+    from text import build_tokenizer  # the same from the tokenizer alone (it said "cannot be read")
+    with pytest.raises(UserError, match=f"text.vocab_path={re.escape(str(missing))}: file not found"):
+        build_tokenizer(TextConfig(kind="bert", vocab_path=str(missing), **TINY))
     with pytest.raises(UserError, match="set text.vocab_path to the bpe_simple_vocab_16e6.txt.gz"):
         load_text_encoder(TextConfig(kind="clip", **TINY), {}, "clip.ckpt")
     with pytest.raises(UserError, match="needs the encoder's weights: set text.weights"):
