@@ -64,7 +64,7 @@ def open_image(path: Path) -> Image.Image:
     F): converted to RGB, PIL clips them to 255, so a 16-bit image would score as nearly white."""
     try:
         image = Image.open(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # (the last: over twice PIL's pixel limit)
         raise UserError(f"{path}: cannot read the image ({e})") from None
     if ImageMode.getmode(image.mode).typestr not in ("|u1", "|b1"):  # bytes, or bits for mode 1
         image.close()
@@ -274,9 +274,7 @@ def cmd_fid(args: argparse.Namespace) -> dict:
     # several folders pool their images (sample.py --data --repeats R: --fake OUT/samples/r*)
     real = [p for folder in args.real for p in list_images(folder)]  # check both before the slow part
     fake = [p for folder in args.fake for p in list_images(folder)]
-    for path in real + fake:  # headers only: a bad fake image is not found after all the real features
-        open_image(path).close()
-    if args.batch_size < 1:
+    if args.batch_size < 1:  # the options before the file scan below
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -284,6 +282,8 @@ def cmd_fid(args: argparse.Namespace) -> dict:
         raise UserError(f"--device {args.device}: not a device (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    for path in real + fake:  # headers only: a bad fake image is not found after all the real features
+        open_image(path).close()
     if device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions (TF32 keeps 10 mantissa bits)
     model = load_fid_inception(args.inception).to(device)

@@ -326,15 +326,20 @@ def test_fid_command_refuses_missing_and_tiny_folders(tmp_path, capsys):
 
 @pytest.mark.parametrize("name, dtype, message", [("0001.png", None, "cannot read the image"),
                                                   ("0001.png", np.uint16, "mode I;16"),
-                                                  ("0001.tif", np.int32, "mode I"), ("0001.tif", np.float32, "mode F")])
-def test_fid_checks_every_image_before_the_slow_part(tmp_path, capsys, name, dtype, message):
+                                                  ("0001.tif", np.int32, "mode I"), ("0001.tif", np.float32, "mode F"),
+                                                  ("0001.png", "bomb", "cannot read the image")])
+def test_fid_checks_every_image_before_the_slow_part(tmp_path, capsys, monkeypatch, name, dtype, message):
     # an unreadable, 16-bit or float fake image is reported before the model loads (x.pth does not
-    # exist) and before the real folder's features; PIL would clip 16-bit and float values to 255
+    # exist) and before the real folder's features; PIL would clip 16-bit and float values to 255;
+    # one over twice PIL's pixel limit (here 32x32 over a limit of 300) raised its own error class
     _write_images(tmp_path / "real", 2, (16, 16), 0)
     _write_images(tmp_path / "fake", 1, (16, 16), 1)
     bad = tmp_path / "fake" / name
     if dtype is None:
         bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    elif dtype == "bomb":
+        Image.new("RGB", (32, 32)).save(bad)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)
     else:
         Image.fromarray(np.full((16, 16), 40000, dtype=dtype)).save(bad)
     with pytest.raises(SystemExit) as exit_info:
