@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageMode
 
 from config import UserError, read_class_names, run_cli
-from dataset import (COLOURS, SHAPES, SHAPES_CLASSES, SPLITS, box_to_pixels, draw_shape, finite_number, load_layouts,
-                     make_shapes_layout, render_shapes, save_layouts)
+from dataset import COLOURS, SHAPES, SHAPES_CLASSES, SPLITS, box_to_pixels, draw_shape, make_shapes_layout, render_shapes
+from layout_files import finite_number, load_layouts, save_layouts
 from inception import FID_IMAGE_SIZE, FIDInception, load_fid_inception
 
 # -----------------------------------------------------------------------------

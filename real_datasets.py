@@ -36,7 +36,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from config import UserError, replacing
-from dataset import SPLITS, DataConfig, LayoutError, _item_rng, _parse_json_layout, _short, finite_number, make_item
+from dataset import SPLITS, DataConfig, _item_rng, make_item
+from layout_files import LayoutError, finite_number, parse_json_layout, short
 
 # -----------------------------------------------------------------------------
 # images, and the dataset over an index (coco, coco_format, folder, vg)
@@ -153,7 +154,7 @@ def _read_coco(path: Path, fields=("images", "annotations", "categories")) -> di
         if field not in data:
             raise UserError(f"{path}: not a COCO annotation file: missing field {field!r}")
         if not isinstance(data[field], list):
-            raise UserError(f"{path}: field {field!r}: expected a list, got {_short(data[field])}")
+            raise UserError(f"{path}: field {field!r}: expected a list, got {short(data[field])}")
     return data
 
 
@@ -178,7 +179,7 @@ class _entry:
                 problem = str(e)
             else:
                 problem = f"missing field {e.args[0]!r}" if isinstance(e, KeyError) else f"malformed entry ({e})"
-            raise UserError(f"{self.path}: {self.field}[{self.k}]: {problem}, in {_short(self.entry)}") from None
+            raise UserError(f"{self.path}: {self.field}[{self.k}]: {problem}, in {short(self.entry)}") from None
 
 
 # what a field may hold, by the words of the error message. type(), not isinstance: bool is an int
@@ -195,10 +196,10 @@ def _field(entry, key: str, kind: str):
     """entry[key], checked to be `kind` (one of _KINDS); inside _entry, so that a missing or wrong
     field is one line naming it."""
     if not isinstance(entry, dict):
-        raise _BadField(f"expected a JSON object, got {_short(entry)}")
+        raise _BadField(f"expected a JSON object, got {short(entry)}")
     value = entry[key]
     if not _KINDS[kind](value):
-        raise _BadField(f"field {key!r}: expected {kind}, got {_short(value)}")
+        raise _BadField(f"field {key!r}: expected {kind}, got {short(value)}")
     return value
 
 # -----------------------------------------------------------------------------
@@ -291,7 +292,7 @@ def _build_coco_index(instances: Path, stuff: Path | None, captions: Path | None
             with _entry(path, "annotations", k, ann):
                 image_id, cid, bbox = ann["image_id"], ann["category_id"], ann["bbox"]
                 if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(finite_number, bbox))):
-                    raise _BadField(f"field 'bbox': expected 4 finite numbers [x, y, w, h], got {_short(bbox)}")
+                    raise _BadField(f"field 'bbox': expected 4 finite numbers [x, y, w, h], got {short(bbox)}")
                 x, y, w, h = map(float, bbox)
                 if image_id not in images:
                     raise UserError(f"{path}: annotations[{k}]: image_id {image_id!r} is not in the images of {instances}")
@@ -350,7 +351,7 @@ def folder_index(folder: Path, max_objects: int) -> dict:
     class_names = sorted(labels)
     records = []
     for image, path, layout in raw:
-        parsed = _parse_json_layout(layout, str(path), class_names, max_objects)
+        parsed = parse_json_layout(layout, str(path), class_names, max_objects)
         records.append({"file": image.name, "objects": [[label, *box] for label, box in parsed["objects"]],
                         "captions": [parsed["caption"]] if parsed["caption"] else []})
     return {"class_names": class_names, "records": records}
@@ -432,7 +433,7 @@ def _build_vg_index(root: Path, s: dict) -> dict:
     image_data, objects, relationships, splits = (_read_json(root / name, "Visual Genome file") for name in VG_FILES)
     for name, data in zip(VG_FILES, (image_data, objects, relationships)):
         if not isinstance(data, list):
-            raise UserError(f"{root / name}: expected a list of per-image entries, got {_short(data)}")
+            raise UserError(f"{root / name}: expected a list of per-image entries, got {short(data)}")
     if not isinstance(splits, dict) or not all(isinstance(splits.get(k), list) for k in SPLITS):
         raise UserError(f"{root / 'vg_splits.json'}: expected {{\"train\": [image ids], \"val\": [image ids], ...}}")
     images = {}  # image id -> (path under images/, width, height)
@@ -445,7 +446,7 @@ def _build_vg_index(root: Path, s: dict) -> dict:
     for split in SPLITS:  # image ids as image_data.json's: another type would never match one
         for k, i in enumerate(splits[split]):
             if not _KINDS["an integer id"](i):
-                raise UserError(f"{root / 'vg_splits.json'}: {split}[{k}]: expected an integer image id, got {_short(i)}")
+                raise UserError(f"{root / 'vg_splits.json'}: {split}[{k}]: expected an integer image id, got {short(i)}")
     ids = {split: [i for i in splits[split] if i in images and min(images[i][1:]) >= s["min_image_size"]]
            for split in SPLITS}
     # each object and relationship is checked and read once, here, so that an error names its entry

@@ -54,7 +54,8 @@ import torch.distributed as dist
 from PIL import Image
 
 from config import UserError, config_to_dict, read_class_names, replacing, run_cli
-from dataset import build_dataset, draw_layout, layouts_to_tensors, load_layouts, save_layouts, tensor_to_pil
+from dataset import build_dataset, draw_layout, layouts_to_tensors, tensor_to_pil
+from layout_files import load_layouts, save_layouts
 from diffusion import Diffusion
 from model import LayoutUNet
 from text import caption_without_labels, encode_captions, layout_caption, load_text_encoder

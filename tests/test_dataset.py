@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dataset import (COLOURS, SHAPES, SHAPES_CLASSES, LayoutError, ShapesDataset, box_iou, box_to_pixels,
-                     class_colour, draw_layout, layouts_to_tensors, load_layouts, make_shapes_layout,
-                     pil_to_tensor, render_shapes, save_layouts, tensor_to_pil)
+from dataset import (COLOURS, SHAPES, SHAPES_CLASSES, ShapesDataset, box_iou, box_to_pixels, class_colour, draw_layout,
+                     layouts_to_tensors, make_shapes_layout, pil_to_tensor, render_shapes, tensor_to_pil)
+from layout_files import LayoutError, load_layouts, save_layouts
 
 # -----------------------------------------------------------------------------
 # shapes dataset

@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 import evaluate
 from config import UserError
-from dataset import COLOURS, SHAPES_CLASSES, ShapesDataset, box_to_pixels, load_layouts, render_shapes, save_layouts
+from dataset import COLOURS, SHAPES_CLASSES, ShapesDataset, box_to_pixels, render_shapes
+from layout_files import load_layouts, save_layouts
 from evaluate import (classify_box, cli, fid_statistics, frechet_distance, heldout_layouts, layout_ap, list_images,
                       parse_args, score_layouts)
 from inception import FIDInception, load_fid_inception

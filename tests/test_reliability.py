@@ -537,7 +537,7 @@ def test_sample_empty_object_list_is_allowed(tiny_run, tmp_path, capsys, one_thr
 
 
 def test_sample_debug_shows_the_exception(tiny_run, tmp_path):
-    from dataset import LayoutError
+    from layout_files import LayoutError
     path = tmp_path / "layout.json"
     path.write_text('{"objects": [{"label": "red circle"}]}')
     with pytest.raises(LayoutError, match="object 0: missing field 'bbox'"):

@@ -354,7 +354,8 @@ def benchmark_cmd(ckpt: Path, out: Path, *args, processes: int = 1) -> list[str]
 @pytest.mark.slow
 def test_benchmark_sampling_two_processes_resumes(tiny_run, tmp_path):
     from conftest import ROOT, cli_env
-    from dataset import SHAPES_CLASSES, ShapesDataset, load_layouts
+    from dataset import SHAPES_CLASSES, ShapesDataset
+    from layout_files import load_layouts
     run = lambda cmd: subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
     ckpt, out = tiny_run / "last.pt", tmp_path / "bench"
     proc = run(benchmark_cmd(ckpt, out, processes=2))
@@ -429,7 +430,8 @@ def test_benchmark_layouts_file_gives_back_the_training_captions(tmp_path, capsy
     each caption without them: sample.py --layout appends them (text.append_labels), so its prompt
     is the training text, not the text with the names twice."""
     from config import config_to_dict
-    from dataset import SHAPES_CLASSES, DataConfig, build_dataset, load_layouts, write_folder
+    from dataset import SHAPES_CLASSES, DataConfig, build_dataset, write_folder
+    from layout_files import load_layouts
     from sample import layout_prompt
     cfg, unet, ae = text_model_parts(tmp_path)
     ckpt = tmp_path / "text.pt"
