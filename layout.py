@@ -13,6 +13,7 @@ sent to the GPU without a sync). Then that attention itself, with its backward w
     region = box_regions(boxes, box_mask, H, W)                  # (B, N, H*W) bool
     plan = box_windows(boxes, box_mask, H, W, device="cuda")     # cells, windows, weights
 """
+import functools
 import math
 
 import torch
@@ -65,7 +66,23 @@ WINDOW_MIN_LEN = 8
 NULL_ROWS_MAX_FRACTION = 0.5
 
 
-@torch.compiler.disable  # host-side bookkeeping: no graph to capture
+def compiler_disable(fn):
+    """torch.compiler.disable(fn), made when a compile first traces a call of fn rather than at import:
+    the decorator imports dynamo, 1.9 s of every process's start (train.py's imports 5.4 -> 3.5 s on this
+    project's CPUs), and most runs never compile. Outside a compile a call is fn's own."""
+    disabled = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if not disabled:  # a graph break here the first time, where the disabled call breaks anyway
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+    return call
+
+
+@compiler_disable  # host-side bookkeeping: no graph to capture
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor onto `device` without waiting for the work queued there: a blocking copy waits
     for the GPU's queue (a sync), a non-blocking one from pageable memory may, one from pinned memory
@@ -328,6 +345,6 @@ def windowed_attention(qkv0, prompt, Wp, layout):
 
 # left to eager under torch.compile (train.compile): dynamo would trace the backward's out= calls, and
 # the compiled training step ran 0.99x the eager one (H200); the sampling forward above compiles
-@torch.compiler.disable
+@compiler_disable
 def windowed_attention_with_grad(qkv0, prompt, Wp, layout):
     return WindowedAttention.apply(qkv0, prompt, Wp, layout)

@@ -410,6 +410,31 @@ def test_compiled_unet_stops_recompiling_over_new_layouts():
     assert graphs[4] == graphs[-1], graphs
 
 
+def test_compiler_disable_keeps_dynamo_out_of_the_call_and_of_the_import():
+    """layout.compiler_disable: a call inside a compiled function runs eagerly, untraced (as under
+    torch.compiler.disable), and importing sample.py imports no dynamo (1.9 s of each start)."""
+    import subprocess
+    import sys
+    from conftest import ROOT, cli_env
+    from layout import compiler_disable
+    seen = []
+
+    @compiler_disable
+    def host(x):
+        seen.append(torch.compiler.is_compiling())  # True where dynamo traces this frame
+        return x * int(x.sum())                     # a host read: a graph break where traced
+
+    torch._dynamo.reset()
+    x = torch.ones(3)
+    assert torch.equal(torch.compile(lambda x: host(x + 1) + 1, backend="eager")(x), torch.full((3,), 13.0))
+    assert host(x).tolist() == [3.0] * 3 and seen == [False, False]
+    torch._dynamo.reset()
+    code = "import sys, sample; print([m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout == "[]\n", proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("impl", ["window", "masked"])
 def test_forward_makes_no_device_to_host_copy_with_host_boxes(impl):
     """The model on the meta device stands in for a GPU: a tensor there has no data, so any copy of
