@@ -544,11 +544,12 @@ def test_latent_cache_is_read_memory_mapped(tmp_path):
     assert torch.equal(cache["mean"], torch.load(path, weights_only=True)["mean"])
 
 
-def test_too_few_items_for_one_batch_fails_before_training(run_cli, tmp_path):
+def test_too_few_items_for_one_batch_fails_before_training(tmp_path, capsys):
     out = tmp_path / "run"
-    proc = run_cli("train.py", "--preset", "tiny", f"--train.out_dir={out}", "--data.train_length=5")
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr == "error: data: 5 training items are fewer than one batch of 8\n"
+    with pytest.raises(SystemExit) as e:  # in-process: the CLI's exit path is test_train_bad_input_exits_2's
+        cli(["--preset", "tiny", f"--train.out_dir={out}", "--data.train_length=5"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: data: 5 training items are fewer than one batch of 8\n"
     assert not (out / "autoencoder.pt").exists()  # nothing trained or encoded
 
 
