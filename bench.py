@@ -43,7 +43,8 @@ Rows (--only takes any of the sections; one Markdown table, `x` has its own):
   b  "layout blocks' share": the step timed again with every LayoutAttention replaced by `x + s`
      (s a trainable scalar per block, so the backward still runs through every later layer, as with
      the real blocks) and no boxes (no region masks, raster or windows): share = 1 - bypassed / full.
-     Target <= 15 %. Again with layouts of model.max_objects boxes, and for a sampling forward.
+     Target <= 15 % at the best batch: at the trick batch, and again at the largest batch section a
+     fitted (when a ran). Again with layouts of model.max_objects boxes, and for a sampling forward.
   d  "sample": CLIP encode of the captions and the empty ones, 20 PLMS steps with guidance 7.5
      (cond and uncond in ONE batch of 2B: 21 UNet calls, the first step makes two), VAE decode to
      512 px; ms per run of `batch` images. Batch 1: latency, target <= 0.3 s; 8, 16: target >= 15
@@ -126,7 +127,7 @@ PRESETS = {
                    max_objects=4),
         autoencoder=dict(ch=32, ch_mult=[1, 2], num_res_blocks=1), text=dict(vocab_size=64, width=32, layers=1,
                                                                               heads=2, max_len=8),
-        image_size=16, boxes=3, batches=[1, 2], trick_batch=2, worst_batch=2, pipeline_batch=2, sample_batches=[1, 2],
+        image_size=16, boxes=3, batches=[1, 2, 4], trick_batch=2, worst_batch=2, pipeline_batch=2, sample_batches=[1, 2],
         sample_steps=3, peak_matmul=256, max_batch=8, cpu_mem_cap_gib=0.01, repeats=1, threads=1, minutes=0,
         x=dict(batch=3, max_boxes=3, res=8, channels=32, class_embed_dim=8, num_classes=6,
                model_channels=32, channel_mult=[1, 2], text_tokens=4, context_dim=16)),
@@ -663,8 +664,9 @@ def section_a_compiled(args, env: dict, compiled):
              note=f"first call {warm:.0f} s")
 
 
-def section_b(args, env: dict):
-    """Share of the layout blocks: the step, and the sampling forward, with the blocks bypassed."""
+def section_b(args, env: dict, a_results: dict):
+    """Share of the layout blocks: the step (at the trick batch, and at the largest batch section a
+    fitted), and the sampling forward, with the blocks bypassed."""
     unet, dev = env["unet"], args.device
 
     def step_share(B: int, n_boxes: int, what: str):
@@ -688,6 +690,11 @@ def section_b(args, env: dict):
              note=f"share {share * 100:.1f} %; target <= 15 % {'met' if share <= 0.15 else 'not met'}")
 
     step_share(args.trick_batch, args.boxes, boxes_label(args))
+    # the issue's target is the share at the best batch that fits: section a's largest (the most
+    # images/s on the H200), where more GPU work per step hides more of the blocks' host time
+    largest = max(a_results, default=args.trick_batch)
+    if largest > args.trick_batch and not over_budget(args):
+        step_share(largest, args.boxes, f"{boxes_label(args)}, section a's largest batch")
     if env["mc"].max_objects > args.boxes and not over_budget(args):  # the config's limit: a batch padded to it
         N = env["mc"].max_objects
         step_share(args.sizes["worst_batch"], N, f"{boxes_label(args, N)} (max_objects)")
@@ -1129,7 +1136,7 @@ def main(argv=None):
         fitted = [B for B in a_results if B <= args.trick_batch]  # the tricks at a batch known to fit
         args.trick_batch = max(fitted) if fitted else args.trick_batch
         run("a tricks", section_a_tricks, args, env)
-    for sec, fn in (("b", section_b), ("d", section_d), ("e", section_e),
+    for sec, fn in (("b", lambda a, e: section_b(a, e, a_results)), ("d", section_d), ("e", section_e),
                     ("f", lambda a, e: section_f(a, e, a_results))):
         if sec in args.only and not over_budget(args):
             run(sec, fn, args, env)

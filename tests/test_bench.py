@@ -13,6 +13,7 @@ TINY_ROWS = {  # section -> the start of each row it must print
     "a": ["step (", "trick base: plain step", "trick channels_last", "trick layout_attn_impl=masked",
           "trick use_checkpoint", "trick + EMA as train.py (trained parameters only"],
     "b": ["step, layout blocks bypassed (x + s), 3 boxes", "layout blocks' share of the step, 3 boxes",
+          "layout blocks' share of the step, 3 boxes, section a's largest batch",
           "step, layout blocks bypassed (x + s), 4 boxes (max_objects)",
           "layout blocks' share of the step, 4 boxes (max_objects)", "layout blocks' share of a sampling forward"],
     "c": ["fp32 matmul 256^3 (measured peak)"],
