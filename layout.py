@@ -98,14 +98,15 @@ def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def box_windows(boxes: torch.Tensor, box_mask: torch.Tensor, H: int, W: int, grouped: bool = True,
                 device=None, null_in_mean: bool = False) -> dict:
     """The real boxes as windows of cell indices, for the windowed layout attention. Returns
-    {"cells": (T,), "windows": [(index, valid, weight), ...], "null_weight": (B*H*W,), "null_rows": (B, Lu) or
-    None, "weights": packed}: one window entry per window length Lw, index (M, Lw) into the flattened B*H*W cells of the batch, valid (M, Lw)
-    bool, weight (M, Lw) float; each real box in exactly one entry, padding boxes in none; the indices
-    of all entries are consecutive slices of `cells` (one gather serves them all). A box lists its
-    cells row by row; positions past its area repeat cells of its last row and are not valid (weight 0).
-    weight and null_weight: a cell's output is the mean of the k box windows covering it (each weighs
-    1/k; the null attention 1 where k = 0, else 0), or with null_in_mean (layout_partial_v1) of those
-    and the null attention (each 1/(1+k)). grouped False: one entry, every box at the longest length
+    {"cells": (T,), "windows": [(index, valid), ...], "null_rows": (B, Lu) or None, "weights": packed}:
+    one window entry per window length Lw, index (M, Lw) into the flattened B*H*W cells of the batch,
+    valid (M, Lw) bool; each real box in exactly one entry, padding boxes in none; the indices of all
+    entries are consecutive slices of `cells` (one gather serves them all). A box lists its cells row
+    by row; positions past its area repeat cells of its last row and are not valid (weight 0).
+    "weights" (read them with plan_weights): a cell's output is the mean of the k box windows covering
+    it (each weighs 1/k; the null attention 1 where k = 0, else 0), or with null_in_mean
+    (layout_partial_v1) of those and the null attention (each 1/(1+k)). grouped False: one entry,
+    every box at the longest length
     (a structure that does not change with the layout, for torch.compile: no recompiles). null_rows
     (grouped, without null_in_mean): the cells no box covers, image by image, padded with covered
     cells to Lu (a multiple of 8) below H*W: the only rows whose null attention is used (else None).
@@ -150,14 +151,30 @@ def box_windows(boxes: torch.Tensor, box_mask: torch.Tensor, H: int, W: int, gro
     weights = to_device_async(torch.cat([weight, null_weight, row_weight]), device)
     windows, at = [], 0
     for M, Lw in shapes:
-        windows.append((plan[at:at + M * Lw].view(M, Lw), plan[T + at:T + at + M * Lw].view(M, Lw).bool(),
-                        weights[at:at + M * Lw].view(M, Lw)))
+        windows.append((plan[at:at + M * Lw].view(M, Lw), plan[T + at:T + at + M * Lw].view(M, Lw).bool()))
         at += M * Lw
     null_rows = plan[2 * T:].view(B, -1) if len(rows) else None
-    # "weights": the windows' weights, null_weight and the null rows' weights packed, as they lie: one
-    # cast to the compute dtype serves all
-    return {"cells": plan[:T], "windows": windows, "null_weight": weights[T:T + B * L], "null_rows": null_rows,
-            "weights": weights}
+    # "weights": the windows' weights, the null attention's and the null rows' packed, as they lie: one
+    # cast to the compute dtype serves all (plan_weights)
+    return {"cells": plan[:T], "windows": windows, "null_rows": null_rows, "weights": weights}
+
+
+def plan_weights(plan: dict, dtype: torch.dtype) -> tuple:
+    """box_windows' weights in `dtype` from one cast of the packed tensor (a kernel, and host time, per
+    window otherwise): ([each window's (M, Lw)], the null attention's (B*H*W,), the null rows' (B*Lu,),
+    empty without null_rows)."""
+    weights = plan["weights"].to(dtype)
+    shapes = [index.shape for index, _ in plan["windows"]]
+    n_rows = 0 if plan["null_rows"] is None else plan["null_rows"].numel()
+    T = plan["cells"].numel()
+    *per_window, null, rows = weights.split([s.numel() for s in shapes] + [weights.numel() - T - n_rows, n_rows])
+    return [w.view(s) for w, s in zip(per_window, shapes)], null, rows
+
+
+def per_window(plan: dict, rows: torch.Tensor) -> list:
+    """Rows (T, X) of the plan's window cells (as `cells` lists them), as one (M, Lw, X) view per window."""
+    windows = plan["windows"]
+    return [r.view(*index.shape, -1) for r, (index, _) in zip(rows.split([i.numel() for i, _ in windows]), windows)]
 
 
 def box_coord_features(boxes: torch.Tensor, region: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -262,25 +279,22 @@ def windowed_forward(qkv0, prompt, Wp, layout):
     B = layout["region"].shape[0]
     cells = layout["cells"]
     qkv = window_qkv(qkv0, prompt, Wp, cells)
-    T, BL = cells.shape[0], qkv0.shape[0]
-    weights = layout["weights"].to(dtype)  # one cast, not one per window (a kernel each, and host time)
+    w_windows, w_null, w_rows = plan_weights(layout, dtype)
     q0, k0, v0 = qkv0.view(B, -1, 3 * C).split(C, -1)
     if layout["null_rows"] is None:  # every cell's null attention, weighted
         q_null = None
         a_null, p_null = attention_saving_weights(q0, k0, v0)
-        out = a_null.view(-1, C) * weights[T:T + BL, None]
+        out = a_null.view(-1, C) * w_null[:, None]
     else:  # only the uncovered cells' queries (weight 1; the padding rows' 0): the rest is never used
         rows = layout["null_rows"].flatten()
         q_null = qkv0[rows, :C].view(B, -1, C)
         a_null, p_null = attention_saving_weights(q_null, k0, v0)
-        out = qkv0.new_zeros(BL, C).index_copy_(0, rows, (a_null * weights[T + BL:].view(B, -1, 1)).flatten(0, 1))
-    ps, at = [], 0
-    for index, valid, _ in layout["windows"]:
-        r = qkv[at:at + index.numel()].view(*index.shape, 3 * C)
+        out = qkv0.new_zeros(qkv0.shape[0], C).index_copy_(0, rows, (a_null * w_rows.view(B, -1, 1)).flatten(0, 1))
+    ps = []
+    for (index, valid), r, w in zip(layout["windows"], per_window(layout, qkv), w_windows):
         o, p = attention_saving_weights(*r.split(C, -1), valid)
-        out.index_add_(0, index.flatten(), (o * weights[at:at + index.numel()].view(*index.shape, 1)).flatten(0, 1))
+        out.index_add_(0, index.flatten(), (o * w[..., None]).flatten(0, 1))
         ps.append(p)
-        at += index.numel()
     return out, qkv, q_null, p_null, ps
 
 
@@ -300,29 +314,25 @@ class WindowedAttention(torch.autograd.Function):
         qkv0, prompt, Wp, qkv, q_null, p_null, *ps = ctx.saved_tensors
         layout, dtype, C = ctx.layout, qkv0.dtype, qkv0.shape[1] // 3
         B, cells, rows = layout["region"].shape[0], layout["cells"], layout["null_rows"]
-        T, BL = cells.shape[0], qkv0.shape[0]
         with torch.autocast(qkv0.device.type, enabled=False):
             d_out = d_out.to(dtype)
             d_qkv0 = torch.empty_like(qkv0)
-            weights = layout["weights"].to(dtype)
+            w_windows, w_null, w_rows = plan_weights(layout, dtype)
             q0, k0, v0 = qkv0.view(B, -1, 3 * C).split(C, -1)
             dq0, dk0, dv0 = d_qkv0.view(B, -1, 3 * C).split(C, -1)
             if rows is None:
-                d_null = (d_out * weights[T:T + BL, None]).view(B, -1, C)
+                d_null = (d_out * w_null[:, None]).view(B, -1, C)
                 attention_backward(d_null, q0, k0, v0, p_null, dq0, dk0, dv0)
             else:  # the uncovered cells' queries: their dq, every cell's dk, dv
-                d_null = (d_out[rows.flatten()] * weights[T + BL:, None]).view(B, -1, C)
+                d_null = (d_out[rows.flatten()] * w_rows[:, None]).view(B, -1, C)
                 dq_null = torch.empty_like(q_null)
                 attention_backward(d_null, q_null, k0, v0, p_null, dq_null, dk0, dv0)
                 dq0.zero_()
                 d_qkv0[:, :C].index_copy_(0, rows.flatten(), dq_null.flatten(0, 1))
-            d_qkv, at = torch.empty_like(qkv), 0
-            for (index, _, _), p in zip(layout["windows"], ps):
-                n, shape = index.numel(), (*index.shape, 3 * C)
-                d_o = d_out[index] * weights[at:at + n].view(*index.shape, 1)
-                attention_backward(d_o, *qkv[at:at + n].view(shape).split(C, -1), p,
-                                   *d_qkv[at:at + n].view(shape).split(C, -1))
-                at += n
+            d_qkv = torch.empty_like(qkv)
+            for (index, _), p, w, r, d_r in zip(layout["windows"], ps, w_windows, per_window(layout, qkv),
+                                                per_window(layout, d_qkv)):
+                attention_backward(d_out[index] * w[..., None], *r.split(C, -1), p, *d_r.split(C, -1))
             # the windows' rows onto the null attention's: index_put_'s sort-and-sum, not index_add_'s
             # bf16 atomics (H200 profiles, SD1.5 batch 32, the 10 blocks: index_add_ here 3.6-4.9 ms,
             # index_put for the same rows in autograd's backward before 1.2-1.75 ms; this swap unmeasured)

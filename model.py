@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from layout import (box_coord_features, box_regions, box_windows, layout_raster, subsample_mask, to_device_async,
-                    window_qkv, windowed_attention)
+from layout import (box_coord_features, box_regions, box_windows, layout_raster, per_window, plan_weights,
+                    subsample_mask, to_device_async, window_qkv, windowed_attention)
 
 LAYOUT_ATTN_TYPES = ("layout_partial_v2", "layout_partial_v1", "layout", "segmentation")
 
@@ -215,7 +215,7 @@ def windowed_by_hand(layout: dict, B: int, L: int, C: int) -> bool:
     """Whether every attention call of the windowed layout attention would be wide_attention's
     matmuls (then layout.WindowedAttention computes it, the backward written out)."""
     return C > SDPA_MAX_HEAD_DIM and B * L * L <= WIDE_MATMUL_MAX_SCORES and all(
-        index.numel() * index.shape[1] <= WIDE_MATMUL_MAX_SCORES for index, _, _ in layout["windows"])
+        index.numel() * index.shape[1] <= WIDE_MATMUL_MAX_SCORES for index, _ in layout["windows"])
 
 
 class CrossAttention(nn.Module):
@@ -417,21 +417,16 @@ class LayoutAttention(nn.Module):
             # gathered per length). With the weights below and the squeeze above, counted (bench.py
             # --only m, SD1.5, batch 32): the layout blocks' forward + backward move 42.6 instead of
             # 65.8 GB with 1-8 boxes, 123.4 instead of 135.1 GB with 1-100
-            cells, windows = layout["cells"], layout["windows"]
-            qkv = window_qkv(qkv0, prompt, Wp, cells)
+            qkv = window_qkv(qkv0, prompt, Wp, layout["cells"])
             # each cell's mean over the boxes covering it (and a_null), weighted as box_windows says,
             # accumulated onto the null attention's share: one multiply, where dividing a sum by the
             # count and picking a_null where it is zero passes over (B, L, C) twice (and 3x backward);
             # the packed weights cast once
-            T, weights = cells.shape[0], layout["weights"].to(a_null.dtype)
-            out = a_null.reshape(B * L, C) * weights[T:T + B * L, None]
-            at = 0
-            for index, valid, _ in windows:                                  # (M, Lw) each
-                n = index.numel()
-                q, k, v = qkv[at:at + n].view(*index.shape, 3 * C).chunk(3, dim=-1)
-                o = wide_attention(q, k, v, valid[:, None, :])
-                out.index_add_(0, index.flatten(), (o * weights[at:at + n].view(*index.shape, 1)).flatten(0, 1))
-                at += n
+            w_windows, w_null, _ = plan_weights(layout, a_null.dtype)
+            out = a_null.reshape(B * L, C) * w_null[:, None]
+            for (index, valid), r, w in zip(layout["windows"], per_window(layout, qkv), w_windows):  # (M, Lw) each
+                o = wide_attention(*r.chunk(3, dim=-1), valid[:, None, :])
+                out.index_add_(0, index.flatten(), (o * w[..., None]).flatten(0, 1))
             return out.view(B, L, C)
         # masked: every box sees the whole map, keys outside its region masked out
         qkv = torch.addmm(qkv0, prompt.to(qkv0.dtype), Wp.t()).view(B, L, 3 * C)

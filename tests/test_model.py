@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import model
-from layout import box_coord_features, box_regions, box_windows, layout_raster
+from layout import box_coord_features, box_regions, box_windows, layout_raster, plan_weights
 from model import LayoutAttention, LayoutPrompt, LayoutUNet, ModelConfig
 
 ATOL = RTOL = 1e-4  # the parity README's tolerance for single forwards
@@ -327,9 +327,9 @@ def test_box_windows_list_each_real_box_once_by_length(min_len, grouped, monkeyp
     plan = box_windows(boxes, box_mask, H, W, grouped=grouped)
     windows = plan["windows"]
     assert len(windows) > (1 if min_len == 1 else 0) if grouped else len(windows) == 1
-    assert torch.equal(plan["cells"], torch.cat([index.flatten() for index, _, _ in windows]))  # one gather
+    assert torch.equal(plan["cells"], torch.cat([index.flatten() for index, _ in windows]))  # one gather
     got, shortest = [], max(min_len, 4)  # 4: 120 cells / 16, rounded down to a power of two
-    for index, valid, _ in windows:
+    for index, valid in windows:
         Lw = index.shape[1]
         assert Lw == 120 or (Lw >= shortest and Lw & (Lw - 1) == 0), Lw  # 120: the 12x10 map, a multiple of 8
         assert index.dtype == torch.long and valid.dtype == torch.bool and index.min() >= 0 and index.max() < B * H * W
@@ -352,14 +352,15 @@ def test_box_windows_weigh_each_cell_as_a_mean(null_in_mean):
     boxes, _, box_mask = random_layouts(B, N, gen)
     k = box_regions(boxes, box_mask, H, W).sum(1).flatten().float()     # boxes covering each cell
     plan = box_windows(boxes, box_mask, H, W, null_in_mean=null_in_mean)
-    total = plan["null_weight"].clone()
-    for index, valid, weight in plan["windows"]:
+    per_window, null_weight, _ = plan_weights(plan, torch.float32)
+    total = null_weight.clone()
+    for (index, valid), weight in zip(plan["windows"], per_window, strict=True):
         assert (weight[~valid] == 0).all()
         total.index_add_(0, index[valid], weight[valid])
     torch.testing.assert_close(total, torch.ones(B * H * W))             # every cell: weights summing to 1
     want = 1 / (1 + k) if null_in_mean else (k == 0).float()
-    torch.testing.assert_close(plan["null_weight"], want)
-    for index, valid, weight in plan["windows"]:
+    torch.testing.assert_close(null_weight, want)
+    for (index, valid), weight in zip(plan["windows"], per_window):
         torch.testing.assert_close(weight[valid], 1 / (k[index[valid]] + null_in_mean))
 
 
@@ -375,8 +376,7 @@ def test_box_windows_null_rows_are_the_uncovered_cells(monkeypatch):
     Lu = -(-int(uncovered.sum(1).max()) // 8) * 8
     monkeypatch.setattr("layout.NULL_ROWS_MAX_FRACTION", (Lu + 0.5) / (H * W))
     plan = box_windows(boxes, box_mask, H, W)
-    rows, T = plan["null_rows"], plan["cells"].numel()
-    weight = plan["weights"][T + B * H * W:].view(B, -1)
+    rows, weight = plan["null_rows"], plan_weights(plan, torch.float32)[2].view(B, -1)
     assert rows.shape == (B, Lu) and weight.shape == (B, Lu)
     for b in range(B):
         cells = uncovered[b].nonzero().flatten() + b * H * W
