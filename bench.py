@@ -72,6 +72,11 @@ Rows (--only takes any of the sections; one Markdown table, `x` has its own):
      batched (window, masked); ratio = speed-up over the group's first row.
 
 Columns: ms per step (per sampling run in d) of `batch` images, median of --repeats after a warm-up;
+on CUDA the training steps (a, b, f), b's sampling forwards and c's matmuls run back to back, as
+train.py's loop and the sampler run them (no sync between: the host queues the next step while the GPU runs this one),
+each timed between CUDA events; d's runs and x's rows have a sync before each (a run's latency). Up to
+2026-11-27 every row had the sync, which left the GPU idle while the host started each step (b's
+note gives that share too);
 "-" where a column does not apply; the note says whether a target is met.
 """
 import argparse
@@ -338,11 +343,26 @@ CLOCK = {"wall": time.perf_counter, "process": time.process_time}
 clock = CLOCK["wall"]
 
 
-def time_fn(fn, repeats: int, device: str = "cpu", warmup: bool = True) -> float:
-    """Median time of fn() in ms over `repeats` runs, after one warm-up run. On CUDA the kernels
-    run asynchronously, so we synchronize before reading the clock each time."""
+def time_fn(fn, repeats: int, device: str = "cpu", warmup: bool = True, back_to_back: bool = False) -> float:
+    """Median time of fn() in ms over `repeats` runs, after one warm-up run. On CUDA the kernels run
+    asynchronously. By default we synchronize before reading the clock each time: the latency of one
+    call, with the GPU idle while the host starts it. back_to_back: the calls are queued one after
+    another with no sync between, as train.py's loop runs its steps and the sampler its UNet calls, and
+    each call's time is the GPU's between events recorded after consecutive calls: the steady state,
+    where the host's work for the next call overlaps the GPU's for this one (a CPU runs each op to the
+    end: the same either way)."""
     if warmup:
         fn()
+    if back_to_back and device == "cuda":
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats + 1)]
+        sync(device)
+        fn()  # not timed: the GPU waits for the host's first launches here, the sync's latency
+        ends[0].record()
+        for end in ends[1:]:
+            fn()
+            end.record()
+        sync(device)
+        return statistics.median(a.elapsed_time(b) for a, b in zip(ends, ends[1:]))
     times = []
     for _ in range(repeats):
         sync(device)
@@ -353,11 +373,11 @@ def time_fn(fn, repeats: int, device: str = "cpu", warmup: bool = True) -> float
     return statistics.median(times)
 
 
-def measure(args, fn, repeats: int | None = None) -> tuple[float, int | None]:
+def measure(args, fn, repeats: int | None = None, back_to_back: bool = False) -> tuple[float, int | None]:
     """(median ms, FLOPs of one call): when section c is on, the FLOPs are counted on the warm-up run
     (it makes the first-call allocations and autotuning as a plain one does)."""
     flops = count_flops(fn) if "c" in args.only else None
-    return time_fn(fn, repeats or args.repeats, args.device, warmup=flops is None), flops
+    return time_fn(fn, repeats or args.repeats, args.device, warmup=flops is None, back_to_back=back_to_back), flops
 
 
 class _MallInfo2(ctypes.Structure):
@@ -502,7 +522,7 @@ def section_c_peak(args):
     n = args.sizes["peak_matmul"]
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     a, b = (torch.randn(n, n, device=args.device, dtype=dtype) for _ in range(2))
-    ms = time_fn(lambda: a @ b, max(args.repeats, 10), args.device)
+    ms = time_fn(lambda: a @ b, max(args.repeats, 10), args.device, back_to_back=True)  # no launch gaps: the peak
     args.peak_tflops = 2 * n ** 3 / ms / 1e9
     emit(args, "c", f"{args.dtype} matmul {n}^3 (measured peak)", ms=ms, flops=2 * n ** 3,
          note="the % peak denominator")
@@ -525,7 +545,7 @@ def section_a(args, env: dict) -> dict:
                                                 for k in ("x_start", "noise"))
         oom = False
         try:
-            ms, flops = measure(args, lambda: train_step(args, env, batch))
+            ms, flops = measure(args, lambda: train_step(args, env, batch), back_to_back=True)
         except torch.cuda.OutOfMemoryError:
             oom = True
         if oom:  # outside the except: its traceback no longer holds the step's tensors
@@ -549,7 +569,7 @@ def section_a_tricks(args, env: dict):
     """Each speed trick alone at trick_batch, against the plain step at the same batch."""
     unet, dev, B = env["unet"], args.device, args.trick_batch
     batch = make_batch(B, env["mc"], env["latent"], env["tc"].max_len, args.boxes, env["gen"], dev, args.least_boxes)
-    base, flops = measure(args, lambda: train_step(args, env, batch))
+    base, flops = measure(args, lambda: train_step(args, env, batch), back_to_back=True)
     emit(args, "a", "trick base: plain step", B, base, flops, note="1.00x")
 
     def trick(name, fn, setup=None, teardown=None):
@@ -559,7 +579,7 @@ def section_a_tricks(args, env: dict):
         if setup:
             setup()
         try:
-            ms = time_fn(fn, args.repeats, dev)
+            ms = time_fn(fn, args.repeats, dev, back_to_back=True)
         except torch.cuda.OutOfMemoryError:
             ms = None
         env["opt"].zero_grad(set_to_none=True)
@@ -651,7 +671,7 @@ def section_a_compiled(args, env: dict, compiled):
             train_step(args, env, batch, compiled)
             sync(args.device)
             warm = time.perf_counter() - t0
-            ms = time_fn(lambda: train_step(args, env, batch, compiled), args.repeats, args.device)
+            ms = time_fn(lambda: train_step(args, env, batch, compiled), args.repeats, args.device, back_to_back=True)
         except torch.cuda.OutOfMemoryError:
             oom = True
         if oom:
@@ -672,8 +692,13 @@ def section_b(args, env: dict, a_results: dict):
     def step_share(B: int, n_boxes: int, what: str):
         least = 1 if args.varied_boxes else n_boxes
         batch = make_batch(B, env["mc"], env["latent"], env["tc"].max_len, n_boxes, env["gen"], dev, least)
+        def timed(fn) -> tuple:
+            """fn's ms back to back, as train.py runs its steps; on CUDA also with a sync before each step
+            (bench.py's method before 2026-11-28: the GPU idle while the host starts each step)."""
+            return (time_fn(fn, args.repeats, dev, back_to_back=True),
+                    time_fn(fn, args.repeats, dev, warmup=False) if dev == "cuda" else None)
         try:
-            full = time_fn(lambda: train_step(args, env, batch), args.repeats, dev)
+            full, full_synced = timed(lambda: train_step(args, env, batch))
         except torch.cuda.OutOfMemoryError:
             full = None
         if full is None:  # outside the except, which holds the step's tensors
@@ -682,12 +707,13 @@ def section_b(args, env: dict, a_results: dict):
             emit(args, "b", f"{what}: out of memory", B)
             return
         with layout_bypassed(unet):
-            bypassed = time_fn(lambda: train_step(args, env, batch, layout=False), args.repeats, dev)
+            bypassed, bypassed_synced = timed(lambda: train_step(args, env, batch, layout=False))
         share = 1 - bypassed / full
+        synced = f"; synced before each step {(1 - bypassed_synced / full_synced) * 100:.1f} %" if full_synced else ""
         emit(args, "b", f"step, layout blocks bypassed (x + s), {what}", B, bypassed,
              note=f"full step {full:.2f} ms")
         emit(args, "b", f"layout blocks' share of the step, {what}", B, full - bypassed, images=0,
-             note=f"share {share * 100:.1f} %; target <= 15 % {'met' if share <= 0.15 else 'not met'}")
+             note=f"share {share * 100:.1f} %; target <= 15 % {'met' if share <= 0.15 else 'not met'}{synced}")
 
     step_share(args.trick_batch, args.boxes, boxes_label(args))
     # the issue's target is the share at the best batch that fits: section a's largest (the most
@@ -711,9 +737,9 @@ def section_b(args, env: dict, a_results: dict):
     def forward(kwargs):
         with amp_context(args):
             unet(x["x_start"], x["t"], **kwargs)
-    full = time_fn(lambda: forward(with_layout), args.repeats, dev)
+    full = time_fn(lambda: forward(with_layout), args.repeats, dev, back_to_back=True)  # as the sampler's steps
     with layout_bypassed(unet):
-        bypassed = time_fn(lambda: forward(without), args.repeats, dev)
+        bypassed = time_fn(lambda: forward(without), args.repeats, dev, back_to_back=True)
     unet.train()
     emit(args, "b", "layout blocks' share of a sampling forward (cond+uncond)", 2, full - bypassed, images=0,
          note=f"share {(1 - bypassed / full) * 100:.1f} %; full {full:.2f} ms")
@@ -919,7 +945,7 @@ def section_f(args, env: dict, a_results: dict):
         if over_budget(args):
             emit(args, "f", f"{what}: skipped, time budget", B)
             continue
-        ms, flops = measure(args, lambda: step(encode))
+        ms, flops = measure(args, lambda: step(encode), back_to_back=True)  # as section a's row
         emit(args, "f", f"{what} ({px}px)", B, ms, flops)
     if B in a_results:
         ms, flops = a_results[B]
