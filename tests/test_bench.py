@@ -84,6 +84,15 @@ def test_bench_compile_times_only_the_sections_named(capsys):
     assert "--compile: unknown sections x (compiled: a, d)" in capsys.readouterr().err
 
 
+def test_bench_compiles_sampling_by_default_on_cuda_only():
+    """The issue's one command (python bench.py --preset coco_sd15 --device cuda) times the compiled
+    sampling rows too, where the latency target is met; a CPU run compiles nothing unless asked."""
+    assert bench.compile_sections(None, "cuda") == {"d"}
+    assert bench.compile_sections(None, "cpu") == set()
+    assert bench.compile_sections("", "cuda") == set()
+    assert bench.compile_sections("a,d", "cpu") == {"a", "d"}
+
+
 def test_bench_boxes_per_image_as_the_issue_or_varied(capsys):
     """Every layout holds --boxes boxes (the performance issue's setting: 8 per image), or 1..--boxes
     with --varied-boxes (fewer boxes: less work in the layout blocks)."""
