@@ -74,10 +74,10 @@ Rows (--only takes any of the sections; one Markdown table, `x` has its own):
 
 Columns: ms per step (per sampling run in d) of `batch` images, median of --repeats after a warm-up;
 on CUDA the training steps (a, b, f), b's sampling forwards and c's matmuls run back to back, as
-train.py's loop and the sampler run them (no sync between: the host queues the next step while the GPU runs this one),
-each timed between CUDA events; d's runs and x's rows have a sync before each (a run's latency). Up to
-2026-11-27 every row had the sync, which left the GPU idle while the host started each step (b's
-note gives that share too);
+train.py's loop and the sampler run them (no sync between: the host queues the next step while the
+GPU runs this one), each timed between CUDA events; d's runs and x's rows have a sync before each (a
+run's latency). Up to 2026-11-27 every row had the sync, which left the GPU idle while the host
+started each step (b's note gives that share too);
 "-" where a column does not apply; the note says whether a target is met.
 """
 import argparse
@@ -690,14 +690,15 @@ def section_b(args, env: dict, a_results: dict):
     fitted), and the sampling forward, with the blocks bypassed."""
     unet, dev = env["unet"], args.device
 
+    def timed(fn) -> tuple:
+        """fn's ms back to back, as train.py runs its steps; on CUDA also with a sync before each step
+        (bench.py's method before 2026-11-28: the GPU idle while the host starts each step)."""
+        return (time_fn(fn, args.repeats, dev, back_to_back=True),
+                time_fn(fn, args.repeats, dev, warmup=False) if dev == "cuda" else None)
+
     def step_share(B: int, n_boxes: int, what: str):
         least = 1 if args.varied_boxes else n_boxes
         batch = make_batch(B, env["mc"], env["latent"], env["tc"].max_len, n_boxes, env["gen"], dev, least)
-        def timed(fn) -> tuple:
-            """fn's ms back to back, as train.py runs its steps; on CUDA also with a sync before each step
-            (bench.py's method before 2026-11-28: the GPU idle while the host starts each step)."""
-            return (time_fn(fn, args.repeats, dev, back_to_back=True),
-                    time_fn(fn, args.repeats, dev, warmup=False) if dev == "cuda" else None)
         try:
             full, full_synced = timed(lambda: train_step(args, env, batch))
         except torch.cuda.OutOfMemoryError:

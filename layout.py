@@ -106,13 +106,12 @@ def box_windows(boxes: torch.Tensor, box_mask: torch.Tensor, H: int, W: int, gro
     "weights" (read them with plan_weights): a cell's output is the mean of the k box windows covering
     it (each weighs 1/k; the null attention 1 where k = 0, else 0), or with null_in_mean
     (layout_partial_v1) of those and the null attention (each 1/(1+k)). grouped False: one entry,
-    every box at the longest length
-    (a structure that does not change with the layout, for torch.compile: no recompiles). null_rows
-    (grouped, without null_in_mean): the cells no box covers, image by image, padded with covered
-    cells to Lu (a multiple of 8) below H*W: the only rows whose null attention is used (else None).
-    Planned on
-    the host: boxes given there cost nothing; on a GPU, device-to-host copies (a sync). The plan
-    goes to `device` (default: the boxes') through pinned memory, without a sync."""
+    every box at the longest length (a structure that does not change with the layout, for
+    torch.compile: no recompiles). null_rows (grouped, without null_in_mean): the cells no box covers,
+    image by image, padded with covered cells to Lu (a multiple of 8) below H*W: the only rows whose
+    null attention is used (else None). Planned on the host: boxes given there cost nothing; on a GPU,
+    device-to-host copies (a sync). The plan goes to `device` (default: the boxes') through pinned
+    memory, without a sync."""
     row0, row1, col0, col1 = box_cells(boxes.cpu(), H, W)                # no-ops for host tensors
     b, j = box_mask.cpu().nonzero(as_tuple=True)                         # the real boxes
     row0, row1, col0, width = row0[b, j], row1[b, j], col0[b, j], (col1 - col0)[b, j]

@@ -648,8 +648,9 @@ def main(argv=None):
         in_a_row = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps in a row
         t_log, n_log = time.time(), 0
         # test-only hooks, unset in real runs: LD_TEST_NAN_AT_STEP=N makes the loss NaN from step N on
-        # (the non-finite stop, tests/test_train.py and test_reliability.py); LD_TEST_CRASH_RANK=R with LD_TEST_CRASH_AT_STEP=N
-        # makes rank R die at once at step N, as a killed worker would (tests/test_reliability.py)
+        # (the non-finite stop, tests/test_train.py and test_reliability.py); LD_TEST_CRASH_RANK=R with
+        # LD_TEST_CRASH_AT_STEP=N makes rank R die at once at step N, as a killed worker would
+        # (tests/test_reliability.py)
         nan_at = int(os.environ.get("LD_TEST_NAN_AT_STEP", "-1"))  # on every rank, or LD_TEST_NAN_RANK's alone
         nan_at = nan_at if int(os.environ.get("LD_TEST_NAN_RANK", rank)) == rank else -1
         crash_rank = int(os.environ.get("LD_TEST_CRASH_RANK", "-1"))
