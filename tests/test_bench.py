@@ -57,7 +57,8 @@ def test_bench_tiny_runs(capsys):
         assert len(row) == len(bench.COLUMNS), row
         for cell in row[2:8]:  # batch .. peak GiB: a number or "-"
             assert cell == "-" or float(cell) == float(cell), row
-        assert "skipped" not in row[1] and "out of memory" not in row[1], row
+        known = bench.channels_last_backward_crashes("cpu") and row[1].startswith("trick channels_last")
+        assert ("skipped" not in row[1] or known) and "out of memory" not in row[1], row
     for sec, starts in TINY_ROWS.items():
         got = [r[1] for r in rows if r[0] == sec]
         for start in starts:
